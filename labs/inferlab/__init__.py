@@ -1,0 +1,21 @@
+"""inferlab: the runtime the course's labs build on.
+
+    from inferlab import load_model, load_tokenizer, naive_generate
+    model, tok = load_model("tiny"), load_tokenizer("tiny")
+    print(tok.decode(naive_generate(model, tok.encode("def fib(n):"), max_new_tokens=32)))
+
+Modules, in the order the data flows: `model` (the Llama architecture and its cache
+interface), `tokenizer`, `loading`, `generate` (sampling and the naive baseline),
+`workloads` (prompts and request traces), `bench` (timing and bandwidth), `train`
+(how the bundled models were made).
+"""
+
+from .generate import naive_generate, naive_generate_stream, sample
+from .loading import BUNDLED_NAMES, ModelLoadError, load_model, load_tokenizer, save_model
+from .model import KVCache, ModelArgs, Transformer
+
+__all__ = [
+    "BUNDLED_NAMES", "KVCache", "ModelArgs", "ModelLoadError", "Transformer",
+    "load_model", "load_tokenizer", "naive_generate", "naive_generate_stream", "sample", "save_model",
+]
+__version__ = "0.1.0"
