@@ -181,8 +181,11 @@ def load_model(name_or_path: str | Path = "tiny", dtype: torch.dtype = torch.flo
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    model = Transformer(args)  # real tensors; the meta pass above only listed the expected names
-    model.load_state_dict(state, strict=False)
+    # Adopt the checkpoint's tensors instead of initialising random ones first (matters for 8B models).
+    model.load_state_dict(state, strict=False, assign=True)
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.reset_rope()
     return model.to(device=device, dtype=dtype).eval()
 
 

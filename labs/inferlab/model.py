@@ -245,10 +245,20 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # RoPE angles for every position, computed once; not saved with the weights.
-        angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), rope_inv_freq(args))
+        self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE tables on the model's device, e.g. after building it on the meta device."""
+        device = self.embed_tokens.weight.device
+        if device.type == "meta":
+            return
+        pos = torch.arange(self.args.max_seq_len, dtype=torch.float32, device=device)
+        angles = torch.outer(pos, rope_inv_freq(self.args).to(device))
         angles = torch.cat((angles, angles), dim=-1)  # [max_seq_len, D]
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.rope_cos = angles.cos()
+        self.rope_sin = angles.sin()
 
     @property
     def num_parameters(self) -> int:

@@ -1,0 +1,127 @@
+"""bench/run.py: the course's benchmarks (`make bench`); writes results.json and results.md to --out.
+
+Sections (each replaces its own entry in results.json, the others are kept):
+  foundation: the machine's memory bandwidth, and batch-1 decode of the bundled `tiny`
+              model with `naive_generate` against Hugging Face `generate` with and
+              without its KV cache, on the same weights, timed interleaved.
+
+    python bench/run.py --out bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    from grader.doctor import cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def foundation(prompt_tokens: int = 32, new_tokens: int = 128) -> dict:
+    import transformers
+
+    from inferlab import load_model, load_tokenizer, naive_generate
+    from inferlab.bench import compare, memory_bandwidth
+    from inferlab.loading import resolve_model_dir
+    from inferlab.workloads import prompts
+
+    bw = memory_bandwidth(array_mb=256, repeats=10)
+    model, tok = load_model("tiny"), load_tokenizer("tiny")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny"), dtype=torch.float32).eval()
+    prompt = prompts(tok, 1, seed=0, min_tokens=prompt_tokens, max_tokens=prompt_tokens)[0]
+    ids = torch.tensor([prompt])
+    outputs: dict[str, list[int]] = {}
+
+    def hf_generate(use_cache: bool):
+        def run():
+            with torch.inference_mode():
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=use_cache,
+                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tok.eos_id)
+            outputs[f"hf_generate_cache={use_cache}"] = out[0, len(prompt):].tolist()
+        return run
+
+    def naive():
+        outputs["naive_generate"] = naive_generate(model, prompt, new_tokens)
+
+    result = compare({"naive_generate": naive, "hf_generate_no_cache": hf_generate(False),
+                      "hf_generate_cache": hf_generate(True)},
+                     baseline="naive_generate", warmup=1, min_rounds=5, max_rounds=15, rel_ci=0.05)
+    rows = {}
+    for name in result.times:
+        seconds = result.median_s(name)
+        rows[name] = {"median_s": seconds, "tokens_per_s": new_tokens / seconds,
+                      "speedup_vs_naive": 1.0 if name == "naive_generate" else result.speedup(name),
+                      "ci95": None if name == "naive_generate" else
+                      [result.ratios[name]["ci_low"], result.ratios[name]["ci_high"]]}
+    same = len({tuple(v) for v in outputs.values()}) == 1
+    return {"bandwidth": bw.to_dict(), "decode": {"model": "tiny", "batch": 1, "prompt_tokens": len(prompt),
+                                                    "new_tokens": new_tokens, "greedy_tokens_identical": same,
+                                                    "rounds": result.rounds, "stable": result.stable,
+                                                    "contenders": rows},
+            "transformers": transformers.__version__}
+
+
+SECTIONS = {"foundation": foundation}
+
+
+def markdown(results: dict) -> str:
+    lines = ["# inferlab benchmark results", "",
+             "Written by `make bench` (`bench/run.py`). Ratios are medians of per-round ratios from",
+             "interleaved runs in one process; 95% bootstrap intervals in brackets.", ""]
+    for name, section in results.items():
+        if name == "foundation":
+            m, bw, dec = section["machine"], section["bandwidth"], section["decode"]
+            lines += [f"## foundation ({section['date']})", "",
+                      f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+                      f"transformers {section['transformers']}.", "",
+                      f"Memory bandwidth (STREAM-style, {bw['array_mb']:.0f} MB arrays, best of 10): "
+                      f"copy **{bw['copy_gb_s']:.1f} GB/s**, triad **{bw['triad_gb_s']:.1f} GB/s**.", "",
+                      f"Batch-1 greedy decode of `tiny`: {dec['prompt_tokens']}-token prompt, "
+                      f"{dec['new_tokens']} new tokens, {dec['rounds']} interleaved rounds"
+                      f"{'' if dec['stable'] else ' (interval target not reached)'}; "
+                      f"identical tokens from all three: {'yes' if dec['greedy_tokens_identical'] else 'NO'}.", "",
+                      "| implementation | median s | tokens/s | speedup vs naive [95% CI] |",
+                      "| --- | ---: | ---: | --- |"]
+            for impl, row in dec["contenders"].items():
+                ci = f" [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]" if row["ci95"] else ""
+                lines.append(f"| {impl} | {row['median_s']:.3f} | {row['tokens_per_s']:.1f} | "
+                             f"{row['speedup_vs_naive']:.2f}x{ci} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json and results.md")
+    parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
+    opts = parser.parse_args(argv)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    path = opts.out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for name in opts.only or SECTIONS:
+        print(f"running {name} ...", flush=True)
+        section = SECTIONS[name]()
+        section["machine"] = machine()
+        section["date"] = dt.date.today().isoformat()
+        results[name] = section
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (opts.out / "results.md").write_text(markdown(results))
+    print(f"wrote {path} and {opts.out / 'results.md'}")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

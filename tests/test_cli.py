@@ -1,0 +1,69 @@
+"""The `inferlab` command line, run as a user runs it: as a subprocess."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+INFERLAB = [str(Path(sys.executable).with_name("inferlab"))]
+
+
+def run(*args, timeout=120):
+    return subprocess.run(INFERLAB + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_is_instant_and_has_examples():
+    start = time.perf_counter()
+    res = run("--help")
+    assert res.returncode == 0 and time.perf_counter() - start < 3
+    assert "inferlab generate --model tiny" in res.stdout
+    for command in ("doctor", "generate"):
+        res = run(command, "--help")
+        assert res.returncode == 0 and "Example" in res.stdout
+
+
+def test_generate_streams_code_and_reports_speed():
+    res = run("generate", "--model", "tiny", "--prompt", "def fib(n):", "--max-new-tokens", "24")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("def fib(n):")
+    assert "tokens/s" in res.stdout
+
+
+def test_sampled_generation_is_seeded():
+    args = ("generate", "--prompt", "import os", "--max-new-tokens", "16", "--temperature", "0.9", "--top-p", "0.9")
+    a, b = run(*args, "--seed", "1"), run(*args, "--seed", "1")
+    body = lambda r: r.stdout.split("\n\n[")[0]
+    assert a.returncode == 0 and body(a) == body(b)
+
+
+def test_non_positive_max_new_tokens_is_a_usage_error():
+    res = run("generate", "--max-new-tokens", "0")
+    assert res.returncode == 2
+    assert "Usage:" in res.stderr and "--max-new-tokens" in res.stderr
+
+
+def test_unknown_model_lists_bundled_names():
+    res = run("generate", "--model", "gpt-99")
+    assert res.returncode == 1
+    assert "tiny" in res.stderr and "tiny-draft" in res.stderr
+
+
+def test_prompt_longer_than_context_gives_both_lengths():
+    res = run("generate", "--prompt", "x = 1\n" * 600, "--max-new-tokens", "4")
+    assert res.returncode == 1
+    assert "but the model's context is 512 tokens" in res.stderr
+
+
+def test_doctor_reports_the_machine():
+    res = run("doctor", "--bandwidth-mb", "32", timeout=300)
+    assert res.returncode == 0, res.stderr
+    for needle in ("torch", "cpu memory bandwidth", "GB/s", "bubblewrap sandbox", "triton interpreter",
+                   "kv_cache", "tiny-draft"):
+        assert needle in res.stdout
+    if shutil.which("bwrap"):
+        assert "works" in res.stdout.split("bubblewrap sandbox")[1].splitlines()[0]
