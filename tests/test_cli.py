@@ -67,3 +67,10 @@ def test_doctor_reports_the_machine():
         assert needle in res.stdout
     if shutil.which("bwrap"):
         assert "works" in res.stdout.split("bubblewrap sandbox")[1].splitlines()[0]
+
+
+def test_cli_module_imports_nothing_heavy():
+    """`--help` stays instant because torch and the model load only inside commands."""
+    code = "import sys, grader.cli; print(sorted(m for m in ('torch', 'inferlab', 'transformers') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr

@@ -1,0 +1,120 @@
+"""grader.checks: the check API shared by a notebook's self-checks and the grader's hidden tests.
+
+A lab's checks are plain functions, one per task, in `grader/labs/<lab>.py`. Each takes
+the learner's code and the inputs to try (sizes, seeds), raises `CheckFailed` with an
+actionable message when the code is wrong, and returns the numbers it measured. The same
+function runs in two places with different inputs:
+
+* `self_check(...)` in the learner's notebook, on fixed public inputs. It never raises,
+  so running the whole notebook never stops at a check: it prints what passed, what
+  failed with the message, and which tasks are not attempted yet.
+* `grade(...)` in a hidden test cell, on inputs drawn at grading time. It raises
+  `AssertionError` on failure, which is how nbgrader scores a test cell, and prints a
+  machine-readable result line that the autograder collects for feedback and reports.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PASSED, FAILED, NOT_ATTEMPTED, ERROR = "passed", "failed", "not attempted", "error"
+RESULT_MARKER = "inferlab-check-result:"
+
+
+class CheckFailed(AssertionError):
+    """The learner's code ran but is wrong; `message` says what to do next, `measured` keeps the numbers."""
+
+    def __init__(self, message: str, **measured: Any):
+        super().__init__(message)
+        self.message = message
+        self.measured = measured
+
+
+@dataclass
+class CheckResult:
+    task: str  # the task ID, e.g. "K1": the same ID as in the stub's NotImplementedError and the report
+    status: str  # passed | failed | not attempted | error
+    message: str = ""  # the first actionable failure message; empty when passed
+    measured: dict[str, Any] = field(default_factory=dict)  # numbers for feedback and reports
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=float)
+
+    def line(self) -> str:
+        head = {PASSED: "passed", FAILED: "FAILED", NOT_ATTEMPTED: "not attempted", ERROR: "ERROR"}[self.status]
+        numbers = ", ".join(f"{k} {_fmt(v)}" for k, v in self.measured.items())
+        text = f"[{self.task}] {head}"
+        if self.message:
+            text += f": {self.message}"
+        if numbers:
+            text += f" ({numbers})"
+        return text
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run_check(task: str, check: Callable[..., dict[str, Any] | None], *args: Any, **kwargs: Any) -> CheckResult:
+    """Run one check and classify the outcome; never raises for anything the learner's code does."""
+    start = time.perf_counter()
+    try:
+        measured = check(*args, **kwargs) or {}
+        result = CheckResult(task, PASSED, measured=dict(measured))
+    except NotImplementedError as err:
+        result = CheckResult(task, NOT_ATTEMPTED,
+                             f"{err or 'not implemented'}: replace the `raise NotImplementedError` in task {task} "
+                             "with your code, run that cell, then run this check again")
+    except CheckFailed as err:
+        result = CheckResult(task, FAILED, err.message, dict(err.measured))
+    except Exception as err:  # the learner's code crashed inside the check
+        result = CheckResult(task, ERROR, f"your code raised {type(err).__name__}: {err}" + _where(err))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _where(err: BaseException) -> str:
+    """' (at cell line N: code)' for the innermost frame that is not grader or library code."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if "/grader/" not in f.filename and "site-packages" not in f.filename
+              and "/inferlab/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at line {f.lineno}: {f.line.strip()})" if f.line else f" (at line {f.lineno})"
+
+
+def self_check(task: str, check: Callable[..., dict[str, Any] | None], *args: Any, **kwargs: Any) -> CheckResult:
+    """For notebooks: run a check on public inputs, print one line, never stop the notebook."""
+    result = run_check(task, check, *args, **kwargs)
+    print(result.line())
+    return result
+
+
+def grade(task: str, check: Callable[..., dict[str, Any] | None], *args: Any, **kwargs: Any) -> CheckResult:
+    """For hidden test cells: print a result line for the autograder, raise AssertionError unless passed."""
+    result = run_check(task, check, *args, **kwargs)
+    print(RESULT_MARKER + result.to_json())
+    print(result.line())
+    if not result.passed:
+        raise AssertionError(result.line())
+    return result
+
+
+def parse_results(text: str) -> list[CheckResult]:
+    """The check results printed by `grade` in a notebook's outputs, in order."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith(RESULT_MARKER):
+            out.append(CheckResult(**json.loads(line[len(RESULT_MARKER):])))
+    return out

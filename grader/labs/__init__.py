@@ -1,0 +1,1 @@
+"""grader.labs: one module of checks per lab, named as the lab."""

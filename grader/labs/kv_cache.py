@@ -1,0 +1,205 @@
+"""grader.labs.kv_cache: the checks of the kv_cache lab (book ch. 5), tasks K1 to K4.
+
+Each check takes the learner's code and the inputs to try. The notebook's self-checks
+call them with `PUBLIC_SEED`; the hidden tests call them with a seed drawn at grading
+time, which changes the model shapes, prompts and sampling seeds.
+
+The learner's surface, fixed by the notebook:
+  K1 `ContiguousKVCache(args, batch_size, max_seq_len, dtype=torch.float32, device="cpu")`
+     with `update(layer, input_pos, k, v)` (the `inferlab.KVCache` protocol) and `nbytes`.
+  K2 `cached_generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+     seed=None, eos_id=None) -> list[int]`.
+  K3 `kv_cache_bytes(args, batch_size, seq_len, dtype) -> int`.
+  K4 the speedup of `cached_generate` over `naive_generate` at long context.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from inferlab import ModelArgs, Transformer, naive_generate
+from inferlab.model import NAMED_CONFIGS
+
+from ..checks import CheckFailed
+
+LAB = "kv_cache"
+PUBLIC_SEED = 0
+TASKS = {"K1": "a KV cache for the model's cache interface",
+         "K2": "generation with the cache, equal to naive_generate",
+         "K3": "KV memory accounting",
+         "K4": "speedup over recompute at long context"}
+
+
+def random_args(rng: np.random.Generator) -> ModelArgs:
+    """A small random architecture: GQA or MHA, various head counts, so a hard-coded shape fails."""
+    n_kv = int(rng.choice([1, 2, 4]))
+    n_heads = n_kv * int(rng.choice([1, 2, 4]))
+    head_dim = int(rng.choice([8, 16]))
+    return ModelArgs(vocab_size=int(rng.integers(50, 120)), dim=n_heads * head_dim, n_layers=int(rng.integers(1, 4)),
+                     n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=int(rng.integers(16, 64)), max_seq_len=128)
+
+
+def random_model(args: ModelArgs, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+@torch.no_grad()
+def check_k1(cache_cls: Any, seed: int = PUBLIC_SEED) -> dict[str, Any]:
+    """Prefill then one-position decode steps through the learner's cache give the recompute logits."""
+    rng = np.random.default_rng(seed)
+    args = random_args(rng)
+    model = random_model(args, seed)
+    batch, prefill, total = int(rng.integers(1, 4)), int(rng.integers(3, 20)), 40
+    tokens = torch.from_numpy(rng.integers(0, args.vocab_size, (batch, total)))
+    expected = model(tokens)  # [B, total, V], every position recomputed from scratch
+
+    cache = cache_cls(args, batch, args.max_seq_len)
+    got = [model(tokens[:, :prefill], torch.arange(prefill), cache)]
+    for pos in range(prefill, total):
+        got.append(model(tokens[:, pos:pos + 1], torch.tensor([pos]), cache))
+    got = torch.cat(got, dim=1)
+
+    k_all, _ = cache.update(0, torch.tensor([total]), torch.zeros(batch, args.n_kv_heads, 1, args.head_dim),
+                            torch.zeros(batch, args.n_kv_heads, 1, args.head_dim))
+    shape = tuple(k_all.shape)
+    if shape[:2] != (batch, args.n_kv_heads) or shape[3] != args.head_dim or shape[2] <= total:
+        raise CheckFailed(
+            f"update returned keys of shape {shape}; expected [batch={batch}, n_kv_heads={args.n_kv_heads}, "
+            f"S > {total}, head_dim={args.head_dim}]: store the n_kv_heads key/value heads you are given "
+            "(grouped-query attention shares them; do not repeat them to n_heads)")
+    err = (got - expected).abs().amax(dim=(0, 2))  # [total]: worst error per position
+    bad = (err > 1e-4).nonzero()
+    if len(bad):
+        pos = int(bad[0])
+        phase = "the prefill" if pos < prefill else f"decode step at position {pos}"
+        raise CheckFailed(
+            f"logits from {phase} differ from recomputing the whole sequence by {float(err[pos]):.3g} "
+            f"(n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads}, batch={batch}, prefill={prefill}): "
+            "write the new keys/values at slots input_pos and return slots 0..max(input_pos)",
+            max_abs_error=float(err.max()))
+    return {"max_abs_error": float(err.max()), "positions": total}
+
+
+def _prompts(seed: int, n: int) -> list[list[int]]:
+    from inferlab import load_tokenizer
+    from inferlab.workloads import prompts
+
+    return prompts(load_tokenizer("tiny"), n, seed=seed, min_tokens=8, max_tokens=48)
+
+
+@torch.no_grad()
+def check_k2(generate_fn: Any, seed: int = PUBLIC_SEED, model: Transformer | None = None,
+             new_tokens: int = 24) -> dict[str, Any]:
+    """cached_generate returns naive_generate's tokens: greedy, sampled with a seed, and stopping at eos."""
+    from inferlab import load_model
+
+    model = model if model is not None else load_model("tiny")
+    rng = np.random.default_rng(seed)
+    prompts = _prompts(seed, 2)
+    cases = [dict(temperature=0.0)] + [
+        dict(temperature=float(rng.uniform(0.6, 1.2)), top_k=int(rng.integers(5, 60)),
+             top_p=float(rng.uniform(0.8, 0.98)), seed=int(rng.integers(0, 2**31)))]
+    checked = 0
+    for prompt in prompts:
+        for kw in cases:
+            want = naive_generate(model, prompt, new_tokens, **kw)
+            got = list(generate_fn(model, list(prompt), new_tokens, **kw))
+            if got != want:
+                where = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                mode = "greedy" if kw["temperature"] == 0 else f"sampled ({kw})"
+                raise CheckFailed(
+                    f"{mode} generation differs from naive_generate at new token {where} "
+                    f"(got {got[where:where + 3]}, expected {want[where:where + 3]}, prompt of {len(prompt)} tokens): "
+                    "prefill the whole prompt once, then feed exactly one new token per step at position "
+                    "len(prompt) + i, and call sample() once per step with make_generator(seed)",
+                    first_mismatch=where)
+            checked += 1
+    eos = naive_generate(model, prompts[0], 1)[0]
+    got = list(generate_fn(model, list(prompts[0]), new_tokens, eos_id=eos))
+    if got != [eos]:
+        raise CheckFailed(f"with eos_id={eos} generation should stop right after emitting it; got {len(got)} tokens")
+    return {"generations_compared": checked + 1, "new_tokens": new_tokens}
+
+
+def expected_kv_bytes(args: ModelArgs, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x bytes per element, per token, per sequence."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * elem * seq_len * batch_size
+
+
+def tensor_bytes_held(obj: Any) -> int:
+    """Bytes of every distinct tensor storage reachable from an object's attributes (one level of containers)."""
+    seen, total = set(), 0
+    values = list(vars(obj).values())
+    for v in list(values):
+        if isinstance(v, (list, tuple)):
+            values.extend(v)
+        elif isinstance(v, dict):
+            values.extend(v.values())
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            ptr = v.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += v.untyped_storage().nbytes()
+    return total
+
+
+def check_k3(bytes_fn: Any, cache_cls: Any, seed: int = PUBLIC_SEED) -> dict[str, Any]:
+    """kv_cache_bytes follows the formula for real and random configs; the cache holds exactly that many bytes."""
+    rng = np.random.default_rng(seed)
+    configs = [("llama-3-70b", ModelArgs.from_name("llama-3-70b")), ("qwen2.5-0.5b", ModelArgs.from_name("qwen2.5-0.5b")),
+               ("random", random_args(rng))]
+    for name, args in configs:
+        for dtype in (torch.float32, torch.bfloat16):
+            batch, seq = int(rng.integers(1, 9)), int(rng.integers(1, 4097))
+            want, got = expected_kv_bytes(args, batch, seq, dtype), bytes_fn(args, batch, seq, dtype)
+            if got != want:
+                raise CheckFailed(
+                    f"kv_cache_bytes({name}, batch_size={batch}, seq_len={seq}, {dtype}) = {got}, expected {want}: "
+                    "count K and V, every layer, n_kv_heads (not n_heads) x head_dim, and the element size")
+    args = random_args(rng)
+    batch, seq = int(rng.integers(1, 4)), int(rng.integers(16, 128))
+    cache = cache_cls(args, batch, seq)
+    held, claimed, formula = tensor_bytes_held(cache), cache.nbytes, expected_kv_bytes(args, batch, seq, torch.float32)
+    if claimed != held:
+        raise CheckFailed(f"cache.nbytes says {claimed} bytes but its tensors hold {held}: "
+                          "compute nbytes from the tensors you allocated", held=held, claimed=claimed)
+    if held != formula:
+        raise CheckFailed(f"the cache holds {held} bytes for batch {batch} x {seq} slots; the formula gives {formula}: "
+                          "allocate [n_layers, batch, n_kv_heads, max_seq_len, head_dim] for K and for V",
+                          held=held, formula=formula)
+    return {"llama_3_70b_bytes_per_token_bf16": expected_kv_bytes(ModelArgs.from_name("llama-3-70b"), 1, 1,
+                                                                    torch.bfloat16), "cache_bytes": held}
+
+
+__all__ = ["LAB", "PUBLIC_SEED", "TASKS", "check_k1", "check_k2", "check_k3", "check_k4_measurement",
+           "expected_kv_bytes"]
+
+
+def check_k4_measurement(measure_fn: Any, model: Transformer, prompt_lengths: list[int],
+                         new_tokens: int) -> dict[str, Any]:
+    """The learner's own measurement: one finite speedup per length, and a cache that pays off at long context."""
+    speedups = [float(s) for s in measure_fn(model, list(prompt_lengths), new_tokens)]
+    if len(speedups) != len(prompt_lengths):
+        raise CheckFailed(f"measure_speedups returned {len(speedups)} values for {len(prompt_lengths)} prompt lengths: "
+                          "return one speedup per length, in order")
+    if not all(np.isfinite(s) and s > 0 for s in speedups):
+        raise CheckFailed(f"speedups must be positive numbers (naive seconds / cached seconds), got {speedups}")
+    if speedups[-1] <= 1.0:
+        raise CheckFailed(f"at {prompt_lengths[-1]} prompt tokens your cached_generate is not faster than recompute "
+                          f"({speedups[-1]:.2f}x): check that decode steps feed one token, not the whole sequence",
+                          speedups=speedups)
+    if speedups[-1] <= speedups[0]:
+        raise CheckFailed(f"the speedup does not grow with context ({speedups[0]:.2f}x at {prompt_lengths[0]} tokens, "
+                          f"{speedups[-1]:.2f}x at {prompt_lengths[-1]}): time both implementations interleaved, "
+                          "after a warm-up, and take a median of repeats", speedups=speedups)
+    return {"speedups": [round(s, 2) for s in speedups]}

@@ -1,0 +1,57 @@
+"""grader.notebook: reading nbgrader notebooks and running chosen cells in a namespace.
+
+Cells are addressed by their nbgrader `grade_id`, the stable name a source notebook gives
+every cell; the same IDs survive into the release and into every submission.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nbformat
+
+SOLUTION_BEGIN, SOLUTION_END = "### BEGIN SOLUTION", "### END SOLUTION"
+HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
+
+
+def read(path: str | Path) -> nbformat.NotebookNode:
+    return nbformat.read(str(path), as_version=4)
+
+
+def grade_id(cell) -> str | None:
+    return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+
+
+def cell(nb, cell_id: str):
+    for c in nb.cells:
+        if grade_id(c) == cell_id:
+            return c
+    raise KeyError(f"no cell with grade_id {cell_id!r}; cells: {[grade_id(c) for c in nb.cells]}")
+
+
+def exec_cells(nb, cell_ids: list[str], namespace: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the named code cells, in the given order, in one namespace (like a kernel would)."""
+    namespace = {} if namespace is None else namespace
+    namespace.setdefault("__name__", "__notebook__")
+    for cell_id in cell_ids:
+        c = cell(nb, cell_id)
+        exec(compile(c.source, f"<cell {cell_id}>", "exec"), namespace)
+    return namespace
+
+
+def strip_solutions(source: str, stub: str = "raise NotImplementedError()") -> str:
+    """What a learner receives for a solution cell: each solution region replaced by a stub, indented in place."""
+    out, inside = [], False
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped == SOLUTION_BEGIN:
+            inside = True
+            indent = line[: len(line) - len(line.lstrip())]
+            out.append(f"{indent}# YOUR CODE HERE")
+            out.append(f"{indent}{stub}")
+        elif stripped == SOLUTION_END:
+            inside = False
+        elif not inside:
+            out.append(line)
+    return "\n".join(out)
