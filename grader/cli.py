@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -22,6 +23,7 @@ def main() -> None:
     Examples:
       inferlab doctor
       inferlab generate --model tiny --prompt "def fib(n):" --max-new-tokens 64
+      inferlab release --check
     """
 
 
@@ -97,6 +99,37 @@ def generate(model: str, prompt: str, max_new_tokens: int, temperature: float, t
         raise click.ClickException(str(err)) from None
     click.echo(f"\n\n[{len(new)} tokens in {elapsed:.2f} s: {len(new) / elapsed:.1f} tokens/s with naive_generate "
                f"(recomputes the whole sequence every step), prompt {len(ids)} tokens, model {model}]")
+
+
+@main.command()
+@click.argument("lab", required=False)
+@click.option("--check", "check_only", is_flag=True,
+              help="Write nothing; exit 1 if labs/ differs from what the sources in solutions/ generate.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder to write the release into.  [default: labs/ of this repository]")
+def release(lab: str | None, check_only: bool, out: Path | None) -> None:
+    """Generate the learner release of LAB (default: every lab) from its nbgrader source.
+
+    \b
+    Examples:
+      inferlab release kv_cache        # regenerate labs/kv_cache/ from solutions/kv_cache/
+      inferlab release --check         # CI: is every release in sync with its source?
+    """
+    from . import release as rel
+
+    labs = [lab] if lab else rel.source_labs()
+    try:
+        if check_only:
+            problems = [p for name in labs for p in rel.check(name)]
+            if problems:
+                raise click.ClickException("labs/ is out of sync with solutions/; run `inferlab release` and commit:\n  "
+                                           + "\n  ".join(problems))
+            click.echo(f"in sync: {', '.join(labs)}")
+            return
+        for name in labs:
+            click.echo(f"wrote {rel.release(name, out=out)}")
+    except (ValueError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from None
 
 
 if __name__ == "__main__":
