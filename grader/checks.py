@@ -72,9 +72,11 @@ def run_check(task: str, check: Callable[..., dict[str, Any] | None], *args: Any
         measured = check(*args, **kwargs) or {}
         result = CheckResult(task, PASSED, measured=dict(measured))
     except NotImplementedError as err:
-        result = CheckResult(task, NOT_ATTEMPTED,
-                             f"{err or 'not implemented'}: replace the `raise NotImplementedError` in task {task} "
-                             "with your code, run that cell, then run this check again")
+        said = str(err)
+        result = CheckResult(task, NOT_ATTEMPTED, (
+            f"{said}; once it is done, run its cell, then this check again" if "Task " in said else
+            f"task {task} is not implemented yet: replace its `raise NotImplementedError` with your code, "
+            "run that cell, then run this check again"))
     except CheckFailed as err:
         result = CheckResult(task, FAILED, err.message, dict(err.measured))
     except Exception as err:  # the learner's code crashed inside the check

@@ -24,6 +24,7 @@ def main() -> None:
       inferlab doctor
       inferlab generate --model tiny --prompt "def fib(n):" --max-new-tokens 64
       inferlab release --check
+      inferlab calibrate kv_cache
     """
 
 
@@ -130,6 +131,92 @@ def release(lab: str | None, check_only: bool, out: Path | None) -> None:
             click.echo(f"wrote {rel.release(name, out=out)}")
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from None
+
+
+@main.command()
+@click.argument("lab")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("calibration"),
+              show_default=True, help="Folder for the proposed <lab>.json thresholds file.")
+@click.option("--profile", default=None, help="Hardware profile to write (default: detected: cpu, cuda, h100, ...).")
+def calibrate(lab: str, out: Path, profile: str | None) -> None:
+    """Measure LAB's reference and baseline here and propose thresholds for this hardware profile.
+
+    Writes OUT/<lab>.json: the committed profiles plus this machine's, newly measured.
+    Review it, then copy it to grader/thresholds/.
+
+    \b
+    Example:
+      inferlab calibrate kv_cache --out calibration
+    """
+    from .calibrate import calibrate as run_calibration
+
+    try:
+        path = run_calibration(lab, out, profile)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("lab")
+@click.option("--submissions", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="nbgrader's submitted/ folder (<student>/<lab>/<lab>.ipynb) or a folder of <student>.ipynb.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("grading-output"),
+              show_default=True, help="Results, executed notebooks, gradebook.db and feedback go here.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--sandbox", type=click.Choice(["bwrap", "docker", "none"]), default="bwrap", show_default=True,
+              help="none isolates nothing: for trusted code only.")
+@click.option("--timeout", type=click.FloatRange(min=10), default=600, show_default=True,
+              help="Wall-time limit per submission, in seconds.")
+@click.option("--memory-mb", type=click.IntRange(min=512), default=6144, show_default=True,
+              help="Address-space limit of a submission's kernel.")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per submission (docker).")
+@click.option("--force", is_flag=True, help="Regrade even submissions that are unchanged since the last run.")
+def autograde(lab: str, submissions: Path, out: Path, workers: int, sandbox: str, timeout: float,
+              memory_mb: int, gpus: int, force: bool) -> None:
+    """Grade every submission of LAB in a sandbox, in parallel; scores go to nbgrader's gradebook.
+
+    \b
+    Example:
+      inferlab autograde kv_cache --submissions course/submitted --workers 2 --out grading-output
+    """
+    from .autograde import autograde as run_autograde
+    from .sandbox import Limits
+    from .submissions import discover
+
+    try:
+        discover(lab, submissions)
+        outcomes = run_autograde(lab, submissions, out / lab, workers=workers, backend=sandbox,
+                                 limits=Limits(wall_s=timeout, memory_mb=memory_mb, gpus=gpus), force=force)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from None
+    width = max(len(o.student) for o in outcomes)
+    for o in outcomes:
+        click.echo(f"  {o.student:<{width}}  {o.points:>5g} / {o.max_points:<5g} {o.status}")
+    click.echo(f"wrote {out / lab} (results/, autograded/, feedback/, gradebook.db)")
+    errors = [o.student for o in outcomes if o.status == "grader-error"]
+    if errors:
+        raise click.ClickException(f"grading failed for {', '.join(errors)}; see results/<student>.json, then rerun")
+
+
+@main.command()
+@click.option("--results", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A lab's autograde output folder (the one holding results/).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("report"), show_default=True)
+def report(results: Path, out: Path) -> None:
+    """Write the instructor report (report.html) and an LMS-ready grades.csv.
+
+    \b
+    Example:
+      inferlab report --results grading-output/kv_cache --out report
+    """
+    from .report import write_report
+
+    try:
+        page, grades = write_report(results, out)
+    except FileNotFoundError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {page} and {grades}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ def grade_id(cell) -> str | None:
     return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
 
 
+def task_of(cell_id: str | None) -> str | None:
+    """'k1-solution' -> 'K1': a task's cells have grade_ids that start with the task ID."""
+    import re
+
+    match = re.match(r"([a-z]+\d+)-", cell_id or "")
+    return match.group(1).upper() if match else None
+
+
 def cell(nb, cell_id: str):
     for c in nb.cells:
         if grade_id(c) == cell_id:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import filecmp
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import nbformat
 
 from .catalogue import REPO_ROOT
-from .notebook import grade_id
+from .notebook import grade_id, task_of
 
 STUB = "raise NotImplementedError()"
 
@@ -32,16 +31,10 @@ def source_labs(root: Path = REPO_ROOT) -> list[str]:
     return sorted(p.parent.name for p in (root / "solutions").glob("*/*.ipynb") if p.stem == p.parent.name)
 
 
-def _task_of(cell_id: str | None) -> str | None:
-    """'k1-solution' -> 'K1': a solution cell's grade_id starts with its task ID."""
-    match = re.match(r"([a-z]+\d+)-", cell_id or "")
-    return match.group(1).upper() if match else None
-
-
 def name_stub_tasks(path: Path) -> None:
     nb = nbformat.read(str(path), as_version=4)
     for cell in nb.cells:
-        task = _task_of(grade_id(cell))
+        task = task_of(grade_id(cell))
         if cell.cell_type == "code" and task and STUB in cell.source:
             cell.source = cell.source.replace(
                 STUB, f'raise NotImplementedError("Task {task} is not implemented yet: replace this line with your code")')

@@ -24,6 +24,7 @@ from inferlab import ModelArgs, Transformer, naive_generate
 from inferlab.model import NAMED_CONFIGS
 
 from ..checks import CheckFailed
+from ..perf import ClockTampered, speedup_over_baseline, threshold
 
 LAB = "kv_cache"
 PUBLIC_SEED = 0
@@ -110,8 +111,8 @@ def check_k2(generate_fn: Any, seed: int = PUBLIC_SEED, model: Transformer | Non
     checked = 0
     for prompt in prompts:
         for kw in cases:
+            got = list(generate_fn(model, list(prompt), new_tokens, **kw))  # learner first: fail fast
             want = naive_generate(model, prompt, new_tokens, **kw)
-            got = list(generate_fn(model, list(prompt), new_tokens, **kw))
             if got != want:
                 where = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
                 mode = "greedy" if kw["temperature"] == 0 else f"sampled ({kw})"
@@ -182,7 +183,7 @@ def check_k3(bytes_fn: Any, cache_cls: Any, seed: int = PUBLIC_SEED) -> dict[str
 
 
 __all__ = ["LAB", "PUBLIC_SEED", "TASKS", "check_k1", "check_k2", "check_k3", "check_k4_measurement",
-           "expected_kv_bytes"]
+           "check_k4_speed", "expected_kv_bytes"]
 
 
 def check_k4_measurement(measure_fn: Any, model: Transformer, prompt_lengths: list[int],
@@ -203,3 +204,88 @@ def check_k4_measurement(measure_fn: Any, model: Transformer, prompt_lengths: li
                           f"{speedups[-1]:.2f}x at {prompt_lengths[-1]}): time both implementations interleaved, "
                           "after a warm-up, and take a median of repeats", speedups=speedups)
     return {"speedups": [round(s, 2) for s in speedups]}
+
+
+K4_PROMPT_TOKENS, K4_NEW_TOKENS = 384, 32  # long context: where recompute hurts most
+
+
+@torch.no_grad()
+def check_k4_speed(generate_fn: Any, seed: int = PUBLIC_SEED, model: Transformer | None = None,
+                   profile: str | None = None) -> dict[str, Any]:
+    """cached_generate against naive_generate, interleaved in this run, at a long prompt; ratio vs the threshold."""
+    from inferlab import load_model, load_tokenizer
+    from inferlab.workloads import prompts
+
+    model = model if model is not None else load_model("tiny")
+    prompt = prompts(load_tokenizer("tiny"), 1, seed=seed, min_tokens=K4_PROMPT_TOKENS,
+                     max_tokens=K4_PROMPT_TOKENS)[0]
+    got = list(generate_fn(model, list(prompt), K4_NEW_TOKENS))  # learner first: fail fast
+    if got != naive_generate(model, prompt, K4_NEW_TOKENS):
+        raise CheckFailed("K4 times cached_generate, so it must first return naive_generate's tokens "
+                          f"for a {K4_PROMPT_TOKENS}-token prompt: make K2 pass first")
+    bar = threshold(LAB, "K4", profile)
+    try:
+        result = speedup_over_baseline(lambda: generate_fn(model, list(prompt), K4_NEW_TOKENS),
+                                       lambda: naive_generate(model, prompt, K4_NEW_TOKENS))
+    except ClockTampered as err:
+        raise CheckFailed(f"the clock was tampered with ({', '.join(err.names)}): performance cannot be measured; "
+                          "remove any code that replaces timing functions", tampering=", ".join(err.names)) from None
+    speedup = result.speedup("candidate")
+    reference = bar["calibration"]["reference_speedup_vs_naive"]
+    measured = {"speedup_vs_naive": round(speedup, 2),
+                "ci95": [round(result.ratios["candidate"]["ci_low"], 2), round(result.ratios["candidate"]["ci_high"], 2)],
+                "threshold": bar["min_speedup_vs_naive"], "reference_speedup_vs_naive": reference,
+                "fraction_of_reference": round(speedup / reference, 2), "profile": bar["profile"],
+                "rounds": result.rounds}
+    if speedup < bar["min_speedup_vs_naive"]:
+        raise CheckFailed(
+            f"cached_generate is {speedup:.2f}x as fast as recompute for {K4_NEW_TOKENS} tokens after a "
+            f"{K4_PROMPT_TOKENS}-token prompt; the bar is {bar['min_speedup_vs_naive']}x on the {bar['profile']} "
+            f"profile (the reference reaches {reference}x): prefill once, then process one token per step "
+            "and attend only over the filled slots", **measured)
+    return measured
+
+
+REFERENCE_CELLS = ["setup", "k1-solution", "k2-solution", "k3-solution", "k4-solution"]
+
+
+def reference_namespace() -> dict[str, Any]:
+    """The reference answers, run from the one source that defines them: the solution notebook."""
+    from .. import notebook
+    from ..catalogue import REPO_ROOT
+
+    return notebook.exec_cells(notebook.read(REPO_ROOT / "solutions" / LAB / f"{LAB}.ipynb"), REFERENCE_CELLS)
+
+
+def calibrate(seed: int = PUBLIC_SEED) -> dict[str, Any]:
+    """Measure the reference and a correct-but-recomputing answer against the baseline, in one interleaved run.
+
+    Rule for the bar: the geometric mean of the two speedups, so a noisy run has the same
+    multiplicative margin on both sides (the reference passes, recompute fails).
+    """
+    from inferlab import load_model, load_tokenizer
+    from inferlab.bench import compare
+    from inferlab.workloads import prompts
+
+    ref = reference_namespace()["cached_generate"]
+    model = load_model("tiny")
+    prompt = prompts(load_tokenizer("tiny"), 1, seed=seed, min_tokens=K4_PROMPT_TOKENS,
+                     max_tokens=K4_PROMPT_TOKENS)[0]
+
+    def recompute(model, prompt, n):  # what the 'slow' sample does: correct, no cache
+        return naive_generate(model, prompt, n)
+
+    result = compare({"naive": lambda: naive_generate(model, prompt, K4_NEW_TOKENS),
+                      "reference": lambda: ref(model, list(prompt), K4_NEW_TOKENS),
+                      "recompute": lambda: recompute(model, list(prompt), K4_NEW_TOKENS)},
+                     baseline="naive", warmup=2, min_rounds=10, max_rounds=30, rel_ci=0.05)
+    reference, slow = result.speedup("reference"), result.speedup("recompute")
+    bar = round(float(np.sqrt(reference * max(slow, 1.0))), 1)
+    return {"K4": {
+        "min_speedup_vs_naive": bar,
+        "calibration": {
+            "reference_speedup_vs_naive": round(reference, 2), "recompute_speedup_vs_naive": round(slow, 2),
+            "rounds": result.rounds, "prompt_tokens": K4_PROMPT_TOKENS, "new_tokens": K4_NEW_TOKENS,
+            "note": (f"reference {reference:.2f}x and recompute {slow:.2f}x over naive_generate, interleaved, "
+                     f"{result.rounds} rounds; bar = geometric mean of the two = {bar}x"),
+        }}}

@@ -1,0 +1,244 @@
+"""grader.execute: turn one submission into a graded notebook.
+
+1. `prepare`: rebuild the notebook from the lab's *source*, in the source's cell order.
+   Solution cells come from the submission (matched by nbgrader `grade_id`); every other
+   identified cell (instructions, setup, self-checks, tests) comes from the source, so a
+   learner cannot edit or delete a test. Hidden tests are restored and each gets a seed
+   drawn now. Cells the learner added keep their place after the cell they followed.
+2. `execute`: run it in a sandboxed kernel, with wall-time and output limits, never
+   stopping at an error (nbgrader scores a test cell by whether it raised).
+3. `score`: points per test cell, and the check results the hidden tests printed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import signal
+import secrets
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+from . import notebook
+from .checks import CheckResult, parse_results
+from .sandbox import Limits, SandboxedKernelManager
+
+SEED_LINE = re.compile(r"^GRADING_SEED = \d+.*$", re.MULTILINE)
+
+
+class SubmissionError(ValueError):
+    """A submission that cannot be graded as this lab (not a notebook, another lab's notebook...)."""
+
+
+def lab_of(nb) -> set[str]:
+    return {notebook.grade_id(c) for c in nb.cells if notebook.grade_id(c)}
+
+
+def load_submission(path: Path, lab: str, source) -> nbformat.NotebookNode:
+    """Read a submitted notebook, rejecting files that are not notebooks or belong to another lab."""
+    from .release import source_labs
+    from .catalogue import REPO_ROOT
+
+    try:
+        nb = nbformat.read(str(path), as_version=4)
+    except Exception as err:  # nbformat raises several types for bad JSON / schema
+        raise SubmissionError(f"{path.name} is not a valid Jupyter notebook ({type(err).__name__}: "
+                              f"{str(err)[:120]}); resubmit the .ipynb file saved by Jupyter") from None
+    ids = lab_of(nb)
+    wanted = {notebook.grade_id(c) for c in source.cells if (c.metadata.get("nbgrader", {}).get("solution"))}
+    if ids & wanted:
+        return nb
+    for other in source_labs():
+        if other == lab:
+            continue
+        other_src = notebook.read(REPO_ROOT / "solutions" / other / f"{other}.ipynb")
+        if ids & {notebook.grade_id(c) for c in other_src.cells if c.metadata.get("nbgrader", {}).get("solution")}:
+            raise SubmissionError(f"{path.name} is the notebook of lab {other!r}, not {lab!r}: submit it to {other}")
+    raise SubmissionError(f"{path.name} has none of lab {lab!r}'s answer cells ({', '.join(sorted(wanted))}); "
+                          f"start from labs/{lab}/{lab}.ipynb and keep its cells")
+
+
+def prepare(source, submitted, rng_seed: int | None = None) -> tuple[nbformat.NotebookNode, dict[str, int]]:
+    """The notebook to execute, and the grading seed drawn for each hidden test cell."""
+    by_id = {notebook.grade_id(c): c for c in submitted.cells if notebook.grade_id(c)}
+    # Learner-added cells (no grade_id) stay after the identified cell they followed.
+    extras: dict[str | None, list] = {}
+    anchor = None
+    for c in submitted.cells:
+        gid = notebook.grade_id(c)
+        if gid:
+            anchor = gid
+        else:
+            extras.setdefault(anchor, []).append(c)
+    seeds: dict[str, int] = {}
+    cells = list(extras.get(None, []))
+    for src in source.cells:
+        gid = notebook.grade_id(src)
+        meta = src.metadata.get("nbgrader", {})
+        if meta.get("solution") and gid in by_id:
+            cell = copy.deepcopy(by_id[gid])
+            cell.metadata["nbgrader"] = copy.deepcopy(meta)  # the learner cannot re-label their cell as a test
+        else:
+            cell = copy.deepcopy(src)
+            if meta.get("solution"):  # deleted by the learner: grade the stub
+                cell.source = notebook.strip_solutions(cell.source)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+        if meta.get("grade") and notebook.HIDDEN_BEGIN in cell.source:
+            seeds[gid] = secrets.randbelow(2**31) if rng_seed is None else (rng_seed + len(seeds)) % 2**31
+            cell.source = SEED_LINE.sub(f"GRADING_SEED = {seeds[gid]}", cell.source)
+            cell.source = "\n".join(line for line in cell.source.splitlines()
+                                    if line.strip() not in (notebook.HIDDEN_BEGIN, notebook.HIDDEN_END))
+        cells.append(cell)
+        cells.extend(copy.deepcopy(c) for c in extras.get(gid, []))
+    nb = nbformat.v4.new_notebook(cells=cells, metadata=copy.deepcopy(source.metadata))
+    return nb, seeds
+
+
+@dataclass
+class Execution:
+    notebook: nbformat.NotebookNode
+    seconds: float
+    timed_out: bool = False
+    kernel_died: bool = False
+    output_truncated: bool = False
+    error: str = ""
+    kernel_log: str = ""
+
+
+class LimitedClient(NotebookClient):
+    """nbclient that caps the bytes of output it keeps and stops the kernel when a submission floods."""
+
+    def __init__(self, nb, max_output_bytes: int, **kw):
+        super().__init__(nb, **kw)
+        self.max_output_bytes = max_output_bytes
+        self.output_bytes = 0
+        self.truncated = False
+
+    async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
+        result = await super().async_execute_cell(cell, cell_index, execution_count, store_history)
+        # Only a cell that ran to its end may score: one cut off by the time limit has no error yet no verdict.
+        cell.metadata.setdefault("inferlab", {})["completed"] = True
+        return result
+
+    def output(self, outs, msg, display_id, cell_index):
+        size = len(str(msg.get("content", "")))
+        self.output_bytes += size
+        if self.output_bytes > self.max_output_bytes:
+            if not self.truncated:
+                self.truncated = True
+                outs.append(nbformat.v4.new_output("stream", name="stderr", text=(
+                    f"\n[grader] output limit of {self.max_output_bytes:,} bytes reached: further output dropped\n")))
+            return None
+        return super().output(outs, msg, display_id, cell_index)
+
+
+def execute(nb, backend: str, limits: Limits, workdir: Path | None = None) -> Execution:
+    """Run every cell in a sandboxed kernel; errors in cells are recorded, not raised."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="inferlab-kernel-", dir=workdir) as tmp:
+        km = SandboxedKernelManager(backend, limits, Path(tmp) / "sockets")
+        client = LimitedClient(nb, limits.output_bytes, km=km, timeout=limits.wall_s, allow_errors=True,
+                               startup_timeout=120, record_timing=False)
+        result = Execution(nb, 0.0)
+        watchdog = threading.Timer(limits.wall_s, _kill, args=(km,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            client.execute(cleanup_kc=True)
+        except CellTimeoutError:
+            result.timed_out = True
+            result.error = f"a cell ran past the time limit of {limits.wall_s:.0f} s"
+        except DeadKernelError:
+            result.kernel_died = True
+            if time.perf_counter() - start >= limits.wall_s:
+                result.timed_out = True
+                result.error = f"the submission ran past the time limit of {limits.wall_s:.0f} s and was stopped"
+            else:
+                result.error = "the kernel died (a crash, or out of memory) while running a cell"
+        except Exception as err:  # kernel failed to start, sandbox missing...
+            result.error = f"{type(err).__name__}: {err}"
+        finally:
+            watchdog.cancel()
+            _kill(km)
+            km.close_log()
+            result.kernel_log = km.kernel_log[-4000:]
+        result.seconds = time.perf_counter() - start
+        if result.seconds >= limits.wall_s and not result.error:
+            result.timed_out = True
+            result.error = f"the submission ran past the time limit of {limits.wall_s:.0f} s"
+        result.output_truncated = client.truncated
+        return result
+
+
+def _kill(km) -> None:
+    """SIGKILL the kernel's whole process group (the sandbox dies with it); safe from any thread."""
+    pid = getattr(getattr(km, "provisioner", None), "pid", None)
+    if not pid:
+        return
+    try:
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass
+class TaskScore:
+    cell: str
+    points: float
+    max_points: float
+    passed: bool
+    message: str = ""
+
+
+@dataclass
+class Scored:
+    tasks: list[TaskScore] = field(default_factory=list)
+    checks: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def points(self) -> float:
+        return sum(t.points for t in self.tasks)
+
+    @property
+    def max_points(self) -> float:
+        return sum(t.max_points for t in self.tasks)
+
+
+def score(executed) -> Scored:
+    """nbgrader's rule: a test cell earns its points when it ran without an error."""
+    out = Scored()
+    for c in executed.cells:
+        meta = c.metadata.get("nbgrader", {})
+        if c.cell_type != "code":
+            continue
+        text = "".join(o.get("text", "") for o in c.get("outputs", []) if o.get("output_type") == "stream")
+        checks = parse_results(text)
+        out.checks += checks
+        if not meta.get("grade"):
+            continue
+        errors = [o for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        completed = c.metadata.get("inferlab", {}).get("completed", False)
+        # A hidden test must also have reported its check as passed: a test cell that merely did not
+        # raise (say, because the learner's code replaced `grade`) earns nothing.
+        reported = not ("grade(" in c.source) or any(r.passed for r in checks)
+        passed = completed and not errors and reported
+        if passed:
+            message = ""
+        elif errors:
+            message = f"{errors[0].get('ename')}: {errors[0].get('evalue')}"[:500]
+        elif not completed:
+            message = "not run to its end (the time limit was reached or the kernel died before it finished)"
+        else:
+            message = "the hidden test did not report a passing check"
+        out.tasks.append(TaskScore(meta["grade_id"], float(meta.get("points", 0)) if passed else 0.0,
+                                   float(meta.get("points", 0)), passed, message))
+    return out

@@ -1,0 +1,67 @@
+"""grader.grade_one: grade one submission in its own process (`python -m grader.grade_one JOB.json`).
+
+The batch driver (`grader.autograde`) starts one of these per submission, so a crash,
+a hang or an out-of-memory kill while grading one submission fails that submission only.
+It writes the executed notebook and a result JSON; it never touches the gradebook.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import nbformat
+
+from . import notebook
+from .execute import SubmissionError, execute, load_submission, prepare, score
+from .sandbox import Limits
+
+
+def grade_one(job: dict) -> dict:
+    lab, student = job["lab"], job["student"]
+    source = notebook.read(job["source"])
+    result = {"lab": lab, "student": student, "submission": job["submission"], "fingerprint": job["fingerprint"],
+              "timestamp": job.get("timestamp"), "status": "graded", "error": "", "tasks": [], "checks": [],
+              "points": 0.0, "max_points": sum(float(c.metadata["nbgrader"].get("points", 0)) for c in source.cells
+                                              if c.metadata.get("nbgrader", {}).get("grade"))}
+    start = time.perf_counter()
+    try:
+        submitted = load_submission(Path(job["submission"]), lab, source)
+    except SubmissionError as err:
+        result.update(status="rejected", error=str(err))
+        return result
+    nb, seeds = prepare(source, submitted, job.get("seed"))
+    run = execute(nb, job["backend"], Limits(**job["limits"]), Path(job["workdir"]))
+    scored = score(run.notebook)
+    executed_path = Path(job["executed"])
+    executed_path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(run.notebook, str(executed_path))
+    result.update(
+        points=scored.points, tasks=[asdict(t) for t in scored.tasks], checks=[asdict(c) for c in scored.checks],
+        seconds=round(time.perf_counter() - start, 2), executed=str(executed_path), seeds=seeds,
+        timed_out=run.timed_out, kernel_died=run.kernel_died, output_truncated=run.output_truncated,
+        error=run.error, kernel_log=run.kernel_log if run.error else "")
+    return result
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    try:
+        result = grade_one(job)
+    except Exception:  # a grader bug must still produce a result, with the traceback, for the instructor
+        result = {"lab": job["lab"], "student": job["student"], "submission": job["submission"],
+                  "fingerprint": job["fingerprint"], "status": "grader-error", "error": traceback.format_exc()[-2000:],
+                  "tasks": [], "checks": [], "points": 0.0, "max_points": 0.0}
+    out = Path(job["result"])
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(out)  # atomic: a killed worker leaves no half-written result
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,57 @@
+"""grader.gradebook: write scores into nbgrader's gradebook, so formgrader and `nbgrader export` work.
+
+Only the batch driver calls this, after every worker has finished: one writer, no races.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from nbgrader.api import Gradebook, MissingEntry
+
+from . import notebook
+
+
+def record(db_path: Path, lab: str, source, results: list[dict]) -> None:
+    # nbgrader migrates a new database by running `alembic`, which lives next to this Python.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    with Gradebook(f"sqlite:///{db_path}") as gb:
+        gb.update_or_create_assignment(lab)
+        gb.update_or_create_notebook(lab, lab)
+        for c in source.cells:
+            meta = c.metadata.get("nbgrader", {})
+            gid = notebook.grade_id(c)
+            if not gid:
+                continue
+            if meta.get("grade"):
+                gb.update_or_create_grade_cell(gid, lab, lab, max_score=float(meta.get("points", 0)),
+                                               cell_type=c.cell_type)
+            if meta.get("solution"):
+                gb.update_or_create_solution_cell(gid, lab, lab)
+            gb.update_or_create_source_cell(gid, lab, lab, cell_type=c.cell_type, locked=bool(meta.get("locked")),
+                                            source=c.source, checksum=meta.get("checksum"))
+        for r in results:
+            if r["status"] not in ("graded", "rejected", "grader-error"):
+                continue
+            gb.update_or_create_student(r["student"])
+            try:
+                gb.find_submission(lab, r["student"])
+            except MissingEntry:
+                gb.add_submission(lab, r["student"])
+            by_cell = {t["cell"]: t["points"] for t in r.get("tasks", [])}
+            for c in source.cells:
+                meta = c.metadata.get("nbgrader", {})
+                if meta.get("grade"):
+                    grade = gb.find_grade(notebook.grade_id(c), lab, lab, r["student"])
+                    grade.auto_score = float(by_cell.get(notebook.grade_id(c), 0.0))
+        gb.db.commit()
+
+
+def scores(db_path: Path, lab: str) -> dict[str, float]:
+    """Total score per student, read back through nbgrader's own API."""
+    with Gradebook(f"sqlite:///{db_path}") as gb:
+        return {s.student.id: s.score for s in gb.find_assignment(lab).submissions}

@@ -1,0 +1,102 @@
+"""grader.perf: performance checks as ratios measured in one run, against thresholds kept as data.
+
+A perf check never compares a time with a number typed in advance: it times the
+learner's code and the grader's own baseline *interleaved in the same run* (see
+`inferlab.bench.compare`) and compares the *ratio* with a threshold. Thresholds live in
+`grader/thresholds/<lab>.json`, per hardware profile (`cpu`, `cuda`, or a named GPU such as
+`h100`), each with the measurements and the note of how it was calibrated.
+`inferlab calibrate LAB` measures the reference and the baseline on the current machine
+and writes a proposed profile for an instructor to review and commit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import inferlab.bench
+from inferlab.bench import Comparison, compare
+
+# The clocks as they were when the grader was imported, before any learner code ran.
+_ORIGINAL_CLOCKS = {"time.perf_counter": time.perf_counter, "time.perf_counter_ns": time.perf_counter_ns,
+                    "time.monotonic": time.monotonic, "time.time": time.time, "time.process_time": time.process_time,
+                    "inferlab.bench._perf_counter": inferlab.bench._perf_counter,
+                    "inferlab.bench.time_once": inferlab.bench.time_once}
+
+
+def _current_clocks() -> dict[str, object]:
+    return {"time.perf_counter": time.perf_counter, "time.perf_counter_ns": time.perf_counter_ns,
+            "time.monotonic": time.monotonic, "time.time": time.time, "time.process_time": time.process_time,
+            "inferlab.bench._perf_counter": inferlab.bench._perf_counter,
+            "inferlab.bench.time_once": inferlab.bench.time_once}
+
+
+def tampered_clocks() -> list[str]:
+    """Names of timing functions that no longer are the ones the grader started with."""
+    now = _current_clocks()
+    return [name for name, fn in _ORIGINAL_CLOCKS.items() if now[name] is not fn]
+
+THRESHOLDS_DIR = Path(__file__).resolve().parent / "thresholds"
+
+
+def hardware_profile(available: list[str] | None = None) -> str:
+    """The most specific profile this machine matches: a GPU's short name ('h100'), 'cuda', or 'cpu'."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0).lower()
+    match = re.search(r"\b([a-z]\d{2,4}|rtx ?\d{4}|l4|l40s?)\b", name)
+    short = match.group(1).replace(" ", "") if match else None
+    if short and (available is None or short in available):
+        return short
+    return "cuda"
+
+
+def load_thresholds(lab: str, directory: Path = THRESHOLDS_DIR) -> dict[str, Any]:
+    path = directory / f"{lab}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no thresholds for lab {lab!r}: expected {path}; run `inferlab calibrate {lab}`")
+    return json.loads(path.read_text())
+
+
+def threshold(lab: str, task: str, profile: str | None = None, directory: Path = THRESHOLDS_DIR) -> dict[str, Any]:
+    """The threshold entry of one task for this machine's profile (falling back to 'cuda', then 'cpu')."""
+    data = load_thresholds(lab, directory)
+    profiles = data["profiles"]
+    profile = profile or hardware_profile(list(profiles))
+    for candidate in (profile, "cuda" if profile != "cpu" else "cpu", "cpu"):
+        if candidate in profiles and task in profiles[candidate]:
+            return {"profile": candidate, **profiles[candidate][task]}
+    raise KeyError(f"thresholds for {lab} have no entry for task {task} in profile {profile!r} or 'cpu'")
+
+
+def speedup_over_baseline(candidate: Callable[[], object], baseline: Callable[[], object], *,
+                          rounds: tuple[int, int] = (5, 15), warmup: int = 1, rel_ci: float = 0.1,
+                          max_seconds: float = 60.0, device: str | None = None) -> Comparison:
+    """Interleaved timing of the learner's code against the grader's baseline; speedup = baseline / candidate.
+
+    Raises `ClockTampered` if any timing function was replaced before or during the run.
+    """
+    before = tampered_clocks()
+    if before:
+        raise ClockTampered(before)
+    result = compare({"baseline": baseline, "candidate": candidate}, baseline="baseline", warmup=warmup,
+                   min_rounds=rounds[0], max_rounds=rounds[1], rel_ci=rel_ci, max_seconds=max_seconds,
+                   device=device)
+    after = tampered_clocks()
+    if after:
+        raise ClockTampered(after)
+    return result
+
+
+class ClockTampered(RuntimeError):
+    """Timing functions were replaced: a performance number measured now would be meaningless."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(f"timing functions were replaced: {', '.join(names)}")
+        self.names = names

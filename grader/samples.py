@@ -1,0 +1,59 @@
+"""grader.samples: build a lab's sample submissions (defined in samples/<lab>.py) as notebooks.
+
+They are generated from the lab's one source, the solution notebook, so they never drift
+from it: a fully solved notebook is the source with hidden tests removed; each variant
+then replaces some answer cells with known-bad code.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import nbformat
+
+from . import notebook
+from .catalogue import REPO_ROOT
+
+
+def definitions(lab: str) -> dict:
+    path = REPO_ROOT / "samples" / f"{lab}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"lab {lab!r} has no sample definitions at {path}")
+    spec = importlib.util.spec_from_file_location(f"samples_{lab}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SAMPLES
+
+
+def solved(lab: str):
+    """What a learner who solved everything submits: the source minus hidden tests."""
+    nb = notebook.read(REPO_ROOT / "solutions" / lab / f"{lab}.ipynb")
+    for c in nb.cells:
+        if c.metadata.get("nbgrader", {}).get("grade") and notebook.HIDDEN_BEGIN in c.source:
+            c.source = c.source.split(notebook.HIDDEN_BEGIN)[0].rstrip()
+    return nb
+
+
+def build(lab: str, out: Path, names: list[str] | None = None) -> dict[str, Path]:
+    """Write `<out>/<name>.ipynb` for each sample (flat layout); returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, spec in definitions(lab).items():
+        if names and name not in names:
+            continue
+        if spec.get("from_release"):
+            nb = notebook.read(REPO_ROOT / "labs" / lab / f"{lab}.ipynb")
+        else:
+            nb = copy.deepcopy(solved(lab))
+        for cell_id, new_source in spec.get("cells", {}).items():
+            notebook.cell(nb, cell_id).source = new_source.strip() + "\n"
+        for cell_id, (old, new) in spec.get("replace", {}).items():
+            c = notebook.cell(nb, cell_id)
+            if old not in c.source:
+                raise ValueError(f"sample {name}: {old!r} not found in cell {cell_id}")
+            c.source = c.source.replace(old, new)
+        paths[name] = out / f"{name}.ipynb"
+        nbformat.write(nb, str(paths[name]))
+    return paths

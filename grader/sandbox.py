@@ -1,0 +1,158 @@
+"""grader.sandbox: run a learner's Jupyter kernel where it can harm nothing.
+
+Only the *kernel* runs inside the sandbox. The notebook, with its restored hidden tests and
+grading seeds, stays in the grading process outside, which sends one cell at a time over
+Unix-domain sockets (ZeroMQ's `ipc` transport) in a private folder: no hidden test is
+ever on a disk the learner's code can see, and the kernel needs no network at all.
+
+Backends:
+* `bwrap` (bubblewrap): new user, PID, network, IPC and UTS namespaces; the system, the
+  Python environment and the `inferlab`/`grader` packages read-only; a private writable
+  temp dir; nothing else of the host (no `solutions/`, no gradebook, no other submission).
+  Resource limits come from `prlimit` (address space, processes, file size, open files,
+  CPU seconds); the grader enforces wall time and output size.
+* `docker`: the same policy as `docker run` flags (`--network none --read-only --tmpfs
+  /tmp --memory --pids-limit --cap-drop ALL`, `--gpus` on GPU hosts), for machines that
+  have an engine.
+* `none`: the kernel runs as a plain process with the same resource limits. For trusted
+  code and debugging only: it isolates nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import site
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from jupyter_client import AsyncKernelManager
+
+BACKENDS = ("bwrap", "docker", "none")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-submission limits. Wall time and output are enforced by the executor, the rest by the OS."""
+
+    memory_mb: int = 6144  # address space; torch reserves far more virtual memory than it touches
+    processes: int = 512  # threads count as processes for this limit
+    wall_s: float = 600.0
+    output_bytes: int = 2_000_000
+    file_mb: int = 256  # largest file the kernel may write
+    open_files: int = 1024
+    cpu_s: int = 1800
+    threads: int = 2  # torch/OpenMP threads per kernel: workers share the machine's cores
+    gpus: int = 0
+
+    def prlimit_args(self) -> list[str]:
+        return ["prlimit", f"--as={self.memory_mb * 2**20}", f"--nproc={self.processes}",
+                f"--fsize={self.file_mb * 2**20}", f"--nofile={self.open_files}", f"--cpu={self.cpu_s}", "--"]
+
+
+def python_roots() -> list[Path]:
+    """Folders the kernel's Python needs, read-only: the interpreter, the venv, and editable packages."""
+    roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sysconfig.get_paths()["stdlib"]).parent}
+    import grader
+    import inferlab
+
+    roots.add(Path(inferlab.__file__).resolve().parent)  # labs/inferlab (editable install) or site-packages
+    roots.add(Path(grader.__file__).resolve().parent)
+    for p in site.getsitepackages():
+        roots.add(Path(p))
+    real = {r.resolve() for r in roots if r.exists()}
+    # Keep only outermost folders: binding a parent already exposes its children.
+    return sorted(r for r in real if not any(o != r and o in r.parents for o in real))
+
+
+def kernel_env(limits: Limits, home: str) -> dict[str, str]:
+    n = str(limits.threads)
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8",
+            "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "TORCH_NUM_THREADS": n,
+            "MPLBACKEND": "module://matplotlib_inline.backend_inline", "MPLCONFIGDIR": f"{home}/.mpl",
+            "PYTHONDONTWRITEBYTECODE": "1", "IPYTHONDIR": f"{home}/.ipython", "JUPYTER_PLATFORM_DIRS": "1",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def bwrap_command(inner: list[str], sockets: Path, limits: Limits) -> list[str]:
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise RuntimeError("the bwrap sandbox needs bubblewrap: apt-get install bubblewrap "
+                           "(or choose --sandbox docker on a host with a Docker engine)")
+    cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-all", "--uid", "1000", "--gid", "1000",
+           "--hostname", "sandbox", "--clearenv"]
+    for system in ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/alternatives", "/etc/ssl",
+                   "/etc/ld.so.cache", "/etc/localtime"):
+        if os.path.exists(system):
+            cmd += ["--ro-bind", system, system]
+    for root in python_roots():
+        cmd += ["--ro-bind", str(root), str(root)]
+    home = "/tmp/home"
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", home, "--dir", "/tmp/work",
+            "--bind", str(sockets), str(sockets), "--remount-ro", "/", "--chdir", "/tmp/work"]
+    for key, value in kernel_env(limits, home).items():
+        cmd += ["--setenv", key, value]
+    return cmd + limits.prlimit_args() + inner
+
+
+def docker_command(inner: list[str], sockets: Path, limits: Limits, image: str) -> list[str]:
+    cmd = ["docker", "run", "--rm", "-i", "--network", "none", "--read-only", "--tmpfs", "/tmp:rw,size=512m",
+           "--memory", f"{limits.memory_mb}m", "--pids-limit", str(limits.processes), "--cap-drop", "ALL",
+           "--security-opt", "no-new-privileges", "--user", "1000:1000", "--cpus", str(limits.threads),
+           "-v", f"{sockets}:{sockets}", "-w", "/tmp"]
+    if limits.gpus:
+        cmd += ["--gpus", str(limits.gpus)]
+    for key, value in kernel_env(limits, "/tmp/home").items():
+        cmd += ["-e", f"{key}={value}"]
+    return cmd + [image] + inner
+
+
+class SandboxedKernelManager(AsyncKernelManager):
+    """A KernelManager whose kernel process is started inside the chosen sandbox, talking over ipc sockets."""
+
+    def __init__(self, backend: str, limits: Limits, sockets: Path, image: str = "inferlab-grader:latest", **kw):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown sandbox {backend!r}; choose one of {', '.join(BACKENDS)}")
+        sockets.mkdir(parents=True, exist_ok=True)
+        os.chmod(sockets, 0o777)  # the sandboxed user (uid 1000) creates its sockets here
+        super().__init__(kernel_name="python3", transport="ipc", ip=str(sockets / "kernel"),
+                         connection_file=str(sockets / "connection.json"), **kw)
+        self.backend, self.limits, self.sockets, self.image = backend, limits, sockets, image
+
+    def format_kernel_cmd(self, extra_arguments=None) -> list[str]:
+        inner = [sys.executable, "-m", "ipykernel_launcher", "-f", self.connection_file]
+        if self.backend == "bwrap":
+            return bwrap_command(inner, self.sockets, self.limits)
+        if self.backend == "docker":
+            return docker_command(["python", "-m", "ipykernel_launcher", "-f", self.connection_file],
+                                  self.sockets, self.limits, self.image)
+        return self.limits.prlimit_args() + inner
+
+    async def _async_launch_kernel(self, kernel_cmd, **kw):
+        # The sandboxed kernel must not inherit the grader's environment (tokens, paths, seeds).
+        if self.backend == "none":
+            kw["env"] = {**kernel_env(self.limits, str(self.sockets)), "PATH": os.environ.get("PATH", "")}
+        else:
+            kw["env"] = {"PATH": os.environ.get("PATH", "")}
+        # The kernel's own stdout/stderr (start-up banners, crashes) go to a log, not the grader's console.
+        log = open(self.sockets / "kernel.log", "ab")  # noqa: SIM115 (closed by close_log)
+        self._kernel_log = log
+        kw["stdout"], kw["stderr"] = log, log
+        return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    def close_log(self) -> None:
+        log = getattr(self, "_kernel_log", None)
+        if log is not None and not log.closed:
+            log.close()
+
+    @property
+    def kernel_log(self) -> str:
+        path = self.sockets / "kernel.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def describe(cmd: list[str]) -> str:
+    return shlex.join(cmd)

@@ -1,0 +1,59 @@
+"""Sample submissions of the kv_cache lab: each a known kind of learner work, with the grade a careful
+human grader would give. `grader.samples.build("kv_cache", out)` writes them as notebooks.
+
+Each variant replaces the answer cells named in `cells` (by nbgrader grade_id) of a fully
+solved notebook; `from_release` variants start from the learner release instead.
+"""
+
+SLOW_K2 = '''
+@torch.inference_mode()
+def cached_generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None, eos_id=None):
+    # Correct but no faster: it recomputes the whole sequence every step, like the baseline.
+    check_length(model, len(prompt), max_new_tokens)
+    gen = make_generator(seed)
+    tokens, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([tokens]))[:, -1]
+        nxt = int(sample(logits, temperature, top_k, top_p, gen))
+        out.append(nxt)
+        tokens.append(nxt)
+        if eos_id is not None and nxt == eos_id:
+            break
+    return out
+'''
+
+SAMPLES = {
+    "reference": {"cells": {}, "expected": {"K1": 3, "K2": 3, "K3": 2, "K4": 2}, "flags": False},
+    "stub": {"from_release": True, "cells": {}, "expected": {"K1": 0, "K2": 0, "K3": 0, "K4": 0}, "flags": False},
+    "slow": {"cells": {"k2-solution": SLOW_K2}, "expected": {"K1": 3, "K2": 3, "K3": 2, "K4": 0}, "flags": False},
+    "wrong": {
+        # Off by one: decode steps feed position len(prompt) + i + 1, leaving a hole in the cache.
+        "replace": {"k2-solution": ("len(prompt) + i]", "len(prompt) + i + 1]")},
+        "cells": {}, "expected": {"K1": 3, "K2": 0, "K3": 2, "K4": 0}, "flags": False},
+    "crash": {
+        # The kernel dies (a segmentation fault) while the K2 answer cell runs: only K1 was graded by then.
+        "cells": {"k2-solution": "import ctypes\nctypes.string_at(0)  # dereferences NULL: the process dies\n"},
+        "expected": {"K1": 3, "K2": 0, "K3": 0, "K4": 0}, "flags": True},
+    "loop": {
+        "cells": {"k3-solution": "while True:  # never ends: the time limit stops it\n    pass\n"},
+        "expected": {"K1": 3, "K2": 3, "K3": 0, "K4": 0}, "flags": False},
+    "snoop": {
+        "cells": {"k1-solution": '''
+import glob, os
+# Looks for the instructor's solution or the hidden tests and runs whatever it finds.
+found = [p for pattern in ("/work/*/solutions/*/*.ipynb", "/**/solutions/kv_cache/*.ipynb", "/**/gradebook.db")
+         for p in glob.glob(pattern, recursive=True)]
+print("snooped:", found)
+class ContiguousKVCache:
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError("Task K1 (nothing found to copy)")
+'''},
+        "expected": {"K1": 0, "K2": 0, "K3": 0, "K4": 0}, "flags": True},
+    "timer-patch": {
+        "cells": {"k2-solution": SLOW_K2 + '''
+import time
+_real = time.perf_counter
+time.perf_counter = lambda: _real() / 100  # makes everything look 100x faster
+'''},
+        "expected": {"K1": 3, "K2": 3, "K3": 2, "K4": 0}, "flags": True},
+}
