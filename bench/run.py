@@ -99,6 +99,20 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {impl} | {row['median_s']:.3f} | {row['tokens_per_s']:.1f} | "
                              f"{row['speedup_vs_naive']:.2f}x{ci} |")
             lines.append("")
+        if name == "perf_robustness":
+            s = section
+            lines += [f"## perf_robustness ({s['date']})", "",
+                      "The kv_cache K4 perf check (`bench/perf_robustness.py`), run on the reference and on the "
+                      f"'slow' sample, alternating, {'with' if s['cpu_bound_neighbour'] else 'without'} a CPU-bound "
+                      "process alongside:", "",
+                      f"* reference passed **{s['reference_passed']} / {s['runs']}**; slow failed "
+                      f"**{s['slow_failed']} / {s['runs']}** ({s['seconds']:.0f} s in all)"]
+            for who in ("reference", "slow"):
+                speeds = sorted(o["speedup"] for o in s["outcomes"][who] if o["speedup"] is not None)
+                if speeds:
+                    lines.append(f"* {who}: speedup over naive {speeds[0]}x to {speeds[-1]}x "
+                                 f"(bar {s['outcomes'][who][0]['threshold']}x)")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         section["date"] = dt.date.today().isoformat()
         results[name] = section
     path.write_text(json.dumps(results, indent=2) + "\n")
-    (opts.out / "results.md").write_text(markdown(results))
+    (opts.out / "results.md").write_text(markdown(results))  # every section, including ones other scripts wrote
     print(f"wrote {path} and {opts.out / 'results.md'}")
     print(markdown(results))
     return 0
