@@ -40,7 +40,9 @@ class Outcome:
 def source_path(lab: str) -> Path:
     path = REPO_ROOT / "solutions" / lab / f"{lab}.ipynb"
     if not path.is_file():
-        raise ValueError(f"no source notebook for lab {lab!r} at {path}")
+        from .release import source_labs
+
+        raise ValueError(f"unknown lab {lab!r} (no source notebook at {path}); labs: {', '.join(source_labs())}")
     return path
 
 

@@ -14,6 +14,14 @@ from pathlib import Path
 import click
 
 
+def need_extra(module: str, extra: str) -> None:
+    """Fail with the install command when an optional dependency is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise click.ClickException(f"this command needs {module}: pip install -e '.[{extra}]' (or `make install`)")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="inferlab")
 def main() -> None:
@@ -116,6 +124,7 @@ def release(lab: str | None, check_only: bool, out: Path | None) -> None:
       inferlab release kv_cache        # regenerate labs/kv_cache/ from solutions/kv_cache/
       inferlab release --check         # CI: is every release in sync with its source?
     """
+    need_extra("nbgrader", "lab")
     from . import release as rel
 
     labs = [lab] if lab else rel.source_labs()
@@ -180,11 +189,14 @@ def autograde(lab: str, submissions: Path, out: Path, workers: int, sandbox: str
     Example:
       inferlab autograde kv_cache --submissions course/submitted --workers 2 --out grading-output
     """
+    need_extra("nbgrader", "lab")
     from .autograde import autograde as run_autograde
+    from .autograde import source_path
     from .sandbox import Limits
     from .submissions import discover
 
     try:
+        source_path(lab)
         discover(lab, submissions)
         outcomes = run_autograde(lab, submissions, out / lab, workers=workers, backend=sandbox,
                                  limits=Limits(wall_s=timeout, memory_mb=memory_mb, gpus=gpus), force=force)
@@ -210,6 +222,7 @@ def report(results: Path, out: Path) -> None:
     Example:
       inferlab report --results grading-output/kv_cache --out report
     """
+    need_extra("matplotlib", "lab")
     from .report import write_report
 
     try:

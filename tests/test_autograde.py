@@ -125,3 +125,14 @@ def test_rerun_skips_unchanged_submissions(graded):
     outcomes = autograde(LAB, root, root / "out", workers=2, backend="bwrap", limits=LIMITS, progress=False)
     assert all(o.status == "skipped" for o in outcomes)
     assert time.perf_counter() - start < 60
+
+
+def test_nbgrader_export_reads_our_gradebook(graded, tmp_path):
+    root, _, _ = graded
+    db = root / "out" / "gradebook.db"
+    exe = str(Path(sys.executable).with_name("nbgrader"))
+    res = subprocess.run([exe, "export", f"--CourseDirectory.db_url=sqlite:///{db}", f"--CourseDirectory.root={tmp_path}",
+                          f"--to={tmp_path / 'grades.csv'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = {r["student_id"]: r for r in csv.DictReader((tmp_path / "grades.csv").open())}
+    assert float(rows["reference"]["raw_score"]) == 10 and float(rows["wrong"]["raw_score"]) == 5

@@ -22,9 +22,11 @@ def test_help_is_instant_and_has_examples():
     res = run("--help")
     assert res.returncode == 0 and time.perf_counter() - start < 3
     assert "inferlab generate --model tiny" in res.stdout
-    for command in ("doctor", "generate"):
+    for command in ("doctor", "generate", "release", "calibrate", "autograde", "report"):
         res = run(command, "--help")
         assert res.returncode == 0 and "Example" in res.stdout
+    for command in ("release", "calibrate", "autograde", "report"):  # every command that writes files
+        assert "--out" in run(command, "--help").stdout
 
 
 def test_generate_streams_code_and_reports_speed():
@@ -74,3 +76,12 @@ def test_cli_module_imports_nothing_heavy():
     code = "import sys, grader.cli; print(sorted(m for m in ('torch', 'inferlab', 'transformers') if m in sys.modules))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_grading_commands_reject_bad_input(tmp_path):
+    res = run("autograde", "no_such_lab", "--submissions", str(tmp_path))
+    assert res.returncode == 1 and "no_such_lab" in res.stderr
+    res = run("report", "--results", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert res.returncode == 1 and "no grading results" in res.stderr
+    res = run("calibrate", "no_such_lab", "--out", str(tmp_path))
+    assert res.returncode == 1 and "no checks module" in res.stderr
