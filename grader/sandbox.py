@@ -45,7 +45,7 @@ class Limits:
     file_mb: int = 256  # largest file the kernel may write
     open_files: int = 1024
     cpu_s: int = 1800
-    threads: int = 2  # torch/OpenMP threads per kernel: workers share the machine's cores
+    threads: int = 0  # torch/OpenMP threads per kernel; 0: the machine's cores divided among the workers
     gpus: int = 0
 
     def prlimit_args(self) -> list[str]:
@@ -69,8 +69,10 @@ def python_roots() -> list[Path]:
 
 
 def kernel_env(limits: Limits, home: str) -> dict[str, str]:
-    n = str(limits.threads)
-    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8",
+    # More OpenMP threads than cores, across parallel kernels, slows torch down by orders of magnitude
+    # (threads spin waiting for each other): the batch driver sets threads = cores // workers.
+    n = str(limits.threads or os.cpu_count() or 1)
+    return {"OMP_WAIT_POLICY": "PASSIVE", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8",
             "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "TORCH_NUM_THREADS": n,
             "MPLBACKEND": "module://matplotlib_inline.backend_inline", "MPLCONFIGDIR": f"{home}/.mpl",
             "PYTHONDONTWRITEBYTECODE": "1", "IPYTHONDIR": f"{home}/.ipython", "JUPYTER_PLATFORM_DIRS": "1",
@@ -84,7 +86,7 @@ def bwrap_command(inner: list[str], sockets: Path, limits: Limits) -> list[str]:
                            "(or choose --sandbox docker on a host with a Docker engine)")
     cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-all", "--uid", "1000", "--gid", "1000",
            "--hostname", "sandbox", "--clearenv"]
-    for system in ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/alternatives", "/etc/ssl",
+    for system in ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/alternatives", "/etc/ssl", "/etc/fonts",
                    "/etc/ld.so.cache", "/etc/localtime"):
         if os.path.exists(system):
             cmd += ["--ro-bind", system, system]
@@ -101,7 +103,7 @@ def bwrap_command(inner: list[str], sockets: Path, limits: Limits) -> list[str]:
 def docker_command(inner: list[str], sockets: Path, limits: Limits, image: str) -> list[str]:
     cmd = ["docker", "run", "--rm", "-i", "--network", "none", "--read-only", "--tmpfs", "/tmp:rw,size=512m",
            "--memory", f"{limits.memory_mb}m", "--pids-limit", str(limits.processes), "--cap-drop", "ALL",
-           "--security-opt", "no-new-privileges", "--user", "1000:1000", "--cpus", str(limits.threads),
+           "--security-opt", "no-new-privileges", "--user", "1000:1000", "--cpus", str(limits.threads or os.cpu_count() or 1),
            "-v", f"{sockets}:{sockets}", "-w", "/tmp"]
     if limits.gpus:
         cmd += ["--gpus", str(limits.gpus)]

@@ -39,10 +39,12 @@ SAMPLES = {
         "expected": {"K1": 3, "K2": 3, "K3": 0, "K4": 0}, "flags": False},
     "snoop": {
         "cells": {"k1-solution": '''
-import glob, os
-# Looks for the instructor's solution or the hidden tests and runs whatever it finds.
-found = [p for pattern in ("/work/*/solutions/*/*.ipynb", "/**/solutions/kv_cache/*.ipynb", "/**/gradebook.db")
-         for p in glob.glob(pattern, recursive=True)]
+from pathlib import Path
+import inferlab
+# Looks next to the installed runtime for the instructor's solutions, hidden tests or gradebook.
+repo = Path(inferlab.__file__).resolve().parents[2]
+found = [str(p) for pattern in ("solutions/*/*.ipynb", "*/gradebook.db", "grading-output/**/*.ipynb")
+         for p in repo.glob(pattern)]
 print("snooped:", found)
 class ContiguousKVCache:
     def __init__(self, *args, **kwargs):

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewra
 
 LAB = "kv_cache"
 SAMPLES = samples.definitions(LAB)
-LIMITS = Limits(wall_s=150)
+LIMITS = Limits(wall_s=240)  # the reference needs about 100 s on one core; 'loop' uses all of it
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +111,9 @@ def test_report_and_grades_csv(graded, tmp_path):
     root, results, _ = graded
     page, grades = write_report(root / "out", tmp_path)
     text = page.read_text()
-    for heading in ("Score distribution", "Per-task pass rate", "Performance", "Failure reasons", "Flagged"):
-        assert heading in text or heading.lower() in text.lower()
+    for heading in ("<h2>Scores</h2>", "<h2>Tasks</h2>", "<h2>Performance</h2>", "<h2>Failure reasons",
+                    "<h2>Flagged"):
+        assert heading in text
     assert text.count("data:image/png;base64") >= 3
     rows = list(csv.DictReader(grades.open()))
     assert {"Student", "ID", "SIS User ID", "SIS Login ID", "Section", LAB} <= set(rows[0])
