@@ -86,6 +86,8 @@ def bwrap_command(inner: list[str], sockets: Path, limits: Limits) -> list[str]:
                            "(or choose --sandbox docker on a host with a Docker engine)")
     cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-all", "--uid", "1000", "--gid", "1000",
            "--hostname", "sandbox", "--clearenv"]
+    # /tmp first: a tmpfs mounted later would hide any bind below it (a checkout under /tmp, say).
+    cmd += ["--tmpfs", "/tmp"]
     for system in ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/alternatives", "/etc/ssl", "/etc/fonts",
                    "/etc/ld.so.cache", "/etc/localtime"):
         if os.path.exists(system):
@@ -93,7 +95,7 @@ def bwrap_command(inner: list[str], sockets: Path, limits: Limits) -> list[str]:
     for root in python_roots():
         cmd += ["--ro-bind", str(root), str(root)]
     home = "/tmp/home"
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", home, "--dir", "/tmp/work",
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--dir", home, "--dir", "/tmp/work",
             "--bind", str(sockets), str(sockets), "--remount-ro", "/", "--chdir", "/tmp/work"]
     for key, value in kernel_env(limits, home).items():
         cmd += ["--setenv", key, value]
