@@ -19,7 +19,8 @@ PROBES = {
     "network": "import socket\ntry:\n    socket.create_connection(('127.0.0.1', 22), timeout=2); print('OPEN')\n"
                "except OSError as e:\n    print('closed')",
     "solutions": f"import os; print(os.path.exists({str(REPO_ROOT / 'solutions')!r}))",
-    "write": f"try:\n    open({str(REPO_ROOT / 'pwned.txt')!r}, 'w'); print('wrote')\nexcept OSError:\n    print('denied')",
+    "write": f"try:\n    open({str(REPO_ROOT / 'grader' / 'pwned.txt')!r}, 'w'); print('wrote')\nexcept OSError:\n    print('denied')",
+    "write_elsewhere": f"try:\n    open({str(REPO_ROOT / 'pwned.txt')!r}, 'w'); print('wrote')\nexcept OSError:\n    print('denied')",
     "env": "import os; print(sorted(k for k in os.environ if 'SECRET' in k or 'GRADING' in k))",
     "runtime": "import inferlab, torch; m = inferlab.load_model('tiny'); print(m.num_parameters > 0)",
     "memory": "try:\n    x = bytearray(16 * 2**30); print('allocated')\nexcept MemoryError:\n    print('refused')",
@@ -44,7 +45,9 @@ def test_no_network(probed):
 
 def test_no_view_of_solutions_and_read_only_repo(probed):
     assert probed["solutions"] == "False"
-    assert probed["write"] == "denied" and not (REPO_ROOT / "pwned.txt").exists()
+    assert probed["write"] == "denied" and not (REPO_ROOT / "grader" / "pwned.txt").exists()
+    # Elsewhere a write either fails or lands in the sandbox's own private file system, never on the host.
+    assert not (REPO_ROOT / "pwned.txt").exists()
 
 
 def test_clean_environment(probed):
