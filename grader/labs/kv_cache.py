@@ -99,32 +99,41 @@ def _prompts(seed: int, n: int) -> list[list[int]]:
 @torch.no_grad()
 def check_k2(generate_fn: Any, seed: int = PUBLIC_SEED, model: Transformer | None = None,
              new_tokens: int = 24) -> dict[str, Any]:
-    """cached_generate returns naive_generate's tokens: greedy, sampled with a seed, and stopping at eos."""
+    """cached_generate returns naive_generate's tokens: greedy, sampled with a seed, and stopping at eos.
+
+    On the bundled model with held-out prompts, and on a random model of a drawn shape, whose
+    logits react strongly to any position or cache mistake, so such mistakes cannot hide
+    behind a lucky argmax.
+    """
     from inferlab import load_model
 
     model = model if model is not None else load_model("tiny")
     rng = np.random.default_rng(seed)
-    prompts = _prompts(seed, 2)
     cases = [dict(temperature=0.0)] + [
         dict(temperature=float(rng.uniform(0.6, 1.2)), top_k=int(rng.integers(5, 60)),
              top_p=float(rng.uniform(0.8, 0.98)), seed=int(rng.integers(0, 2**31)))]
+    noisy = random_model(random_args(rng), seed)
+    trials = [(model, p, "the bundled model") for p in _prompts(seed, 2)] + [
+        (noisy, rng.integers(0, noisy.args.vocab_size, int(rng.integers(4, 24))).tolist(), "a random model")
+        for _ in range(2)]
     checked = 0
-    for prompt in prompts:
+    for net, prompt, which in trials:
+        n = min(new_tokens, net.args.max_seq_len - len(prompt))
         for kw in cases:
-            got = list(generate_fn(model, list(prompt), new_tokens, **kw))  # learner first: fail fast
-            want = naive_generate(model, prompt, new_tokens, **kw)
+            got = list(generate_fn(net, list(prompt), n, **kw))  # learner first: fail fast
+            want = naive_generate(net, prompt, n, **kw)
             if got != want:
                 where = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
                 mode = "greedy" if kw["temperature"] == 0 else f"sampled ({kw})"
                 raise CheckFailed(
-                    f"{mode} generation differs from naive_generate at new token {where} "
+                    f"{mode} generation with {which} differs from naive_generate at new token {where} "
                     f"(got {got[where:where + 3]}, expected {want[where:where + 3]}, prompt of {len(prompt)} tokens): "
                     "prefill the whole prompt once, then feed exactly one new token per step at position "
                     "len(prompt) + i, and call sample() once per step with make_generator(seed)",
                     first_mismatch=where)
             checked += 1
-    eos = naive_generate(model, prompts[0], 1)[0]
-    got = list(generate_fn(model, list(prompts[0]), new_tokens, eos_id=eos))
+    eos = naive_generate(model, trials[0][1], 1)[0]
+    got = list(generate_fn(model, list(trials[0][1]), new_tokens, eos_id=eos))
     if got != [eos]:
         raise CheckFailed(f"with eos_id={eos} generation should stop right after emitting it; got {len(got)} tokens")
     return {"generations_compared": checked + 1, "new_tokens": new_tokens}
@@ -219,7 +228,11 @@ def check_k4_speed(generate_fn: Any, seed: int = PUBLIC_SEED, model: Transformer
     model = model if model is not None else load_model("tiny")
     prompt = prompts(load_tokenizer("tiny"), 1, seed=seed, min_tokens=K4_PROMPT_TOKENS,
                      max_tokens=K4_PROMPT_TOKENS)[0]
-    got = list(generate_fn(model, list(prompt), K4_NEW_TOKENS))  # learner first: fail fast
+    try:  # speed counts only for correct code: the full K2 check first, on this seed's inputs
+        check_k2(generate_fn, seed, model, new_tokens=8)
+    except CheckFailed as err:
+        raise CheckFailed(f"K4 times cached_generate, so it must first be correct; K2 says: {err.message}") from None
+    got = list(generate_fn(model, list(prompt), K4_NEW_TOKENS))
     if got != naive_generate(model, prompt, K4_NEW_TOKENS):
         raise CheckFailed("K4 times cached_generate, so it must first return naive_generate's tokens "
                           f"for a {K4_PROMPT_TOKENS}-token prompt: make K2 pass first")
