@@ -34,9 +34,14 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("bench"))
     parser.add_argument("--no-load", action="store_true", help="run without the CPU-bound neighbour")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, as a grading worker gets (cores // workers); default 1")
     opts = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
+    import torch
+
+    torch.set_num_threads(opts.threads)
     from grader.checks import run_check
     from grader.labs import kv_cache
     from inferlab import load_model
@@ -69,6 +74,7 @@ def main(argv=None) -> int:
             neighbour.join(timeout=5)
     summary = {
         "date": dt.date.today().isoformat(), "runs": opts.runs, "cpu_bound_neighbour": not opts.no_load,
+        "torch_threads": opts.threads,
         "reference_passed": sum(o["status"] == "passed" for o in outcomes["reference"]),
         "slow_failed": sum(o["status"] == "failed" for o in outcomes["slow"]),
         "seconds": round(time.perf_counter() - start, 1), "outcomes": outcomes,
