@@ -21,7 +21,6 @@ Backends:
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import site
 import sys
@@ -157,6 +156,3 @@ class SandboxedKernelManager(AsyncKernelManager):
         path = self.sockets / "kernel.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-
-def describe(cmd: list[str]) -> str:
-    return shlex.join(cmd)
