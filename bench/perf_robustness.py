@@ -1,8 +1,10 @@
 """bench/perf_robustness.py: is the kv_cache K4 perf check fair under load?
 
-Runs the graded K4 check (`grader.labs.kv_cache.check_k4_speed`) N times on the reference
-answer and N times on the 'slow' sample (correct, recomputes), alternating, while a
-CPU-bound process runs alongside on one core. A fair check passes the reference every
+Runs the graded K4 measure exactly as the autograder does (`grader.perf_stage.time_submission`:
+two sandboxed worker processes, the submission's code interleaved with the baseline and the
+reference) N times on the reference sample and N times on the 'slow' sample (correct,
+recomputes), alternating, each run with a fresh grading seed, while a CPU-bound process
+runs alongside on one core. A fair check passes the reference every
 time and fails the slow answer every time. Writes the counts and every measured ratio
 into results.json under "perf_robustness".
 
@@ -39,21 +41,20 @@ def main(argv=None) -> int:
     opts = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
-    import torch
+    import shutil
+    import tempfile
 
-    torch.set_num_threads(opts.threads)
-    from grader.checks import run_check
-    from grader.labs import kv_cache
-    from inferlab import load_model
+    from grader import notebook, samples
+    from grader.execute import prepare
+    from grader.perf import threshold
+    from grader.perf_stage import time_submission
+    from grader.sandbox import Limits
 
-    reference_ns = kv_cache.reference_namespace()
-    reference = reference_ns["cached_generate"]
-    slow_ns = dict(reference_ns)
-    from samples.kv_cache import SLOW_K2  # the same slow answer the sample submission uses
-
-    exec(SLOW_K2, slow_ns)
-    slow = slow_ns["cached_generate"]
-    model = load_model("tiny")
+    lab = "kv_cache"
+    source = notebook.read(REPO / "solutions" / lab / f"{lab}.ipynb")
+    built = samples.build(lab, Path(tempfile.mkdtemp(prefix="perf-robustness-")), ["reference", "slow"])
+    backend = "bwrap" if shutil.which("bwrap") else "none"
+    limits = Limits(threads=opts.threads)
 
     stop = mp.Event()
     neighbour = None if opts.no_load else mp.Process(target=burn, args=(stop,), daemon=True)
@@ -63,19 +64,26 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         for i in range(opts.runs):
-            for name, fn in (("reference", reference), ("slow", slow)):
-                r = run_check("K4", kv_cache.check_k4_speed, fn, seed=1000 + i, model=model)
-                outcomes[name].append({"status": r.status, "speedup": r.measured.get("speedup_vs_naive"),
-                                       "threshold": r.measured.get("threshold"), "seconds": round(r.seconds, 1)})
-                print(f"run {i + 1:>2} {name:<9} {r.status:<7} {r.measured.get('speedup_vs_naive')}x "
-                      f"(bar {r.measured.get('threshold')}x, {r.seconds:.0f} s)", flush=True)
+            for name in ("reference", "slow"):
+                prepared, _ = prepare(source, notebook.read(built[name]), rng_seed=1000 + i)
+                r = time_submission(lab, prepared, source, backend, limits, seed=1000 + i)
+                m = r.measured
+                outcomes[name].append({"status": r.status, "speedup": m.get("speedup_vs_naive"),
+                                       "reference_speedup": m.get("reference_speedup_vs_naive"),
+                                       "fraction_of_reference": m.get("fraction_of_reference"),
+                                       "threshold": m.get("threshold"), "rounds": m.get("rounds"),
+                                       "seconds": round(r.seconds, 1)})
+                print(f"run {i + 1:>2} {name:<9} {r.status:<7} {m.get('speedup_vs_naive')}x, "
+                      f"{m.get('fraction_of_reference')} of the reference's {m.get('reference_speedup_vs_naive')}x "
+                      f"(bar {m.get('min_fraction_of_reference')}, {r.seconds:.0f} s)", flush=True)
     finally:
         stop.set()
         if neighbour:
             neighbour.join(timeout=5)
     summary = {
         "date": dt.date.today().isoformat(), "runs": opts.runs, "cpu_bound_neighbour": not opts.no_load,
-        "torch_threads": opts.threads,
+        "torch_threads": opts.threads, "sandbox": backend,
+        "min_fraction_of_reference": threshold(lab, "K4")["min_fraction_of_reference"],
         "reference_passed": sum(o["status"] == "passed" for o in outcomes["reference"]),
         "slow_failed": sum(o["status"] == "failed" for o in outcomes["slow"]),
         "seconds": round(time.perf_counter() - start, 1), "outcomes": outcomes,

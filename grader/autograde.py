@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import notebook
 from .catalogue import REPO_ROOT
+from .perf import TimedTask
 from .sandbox import Limits
 from .submissions import Submission, discover
 
@@ -97,7 +98,8 @@ def run_jobs(jobs: list[dict], workers: int, limits: Limits, progress: bool) -> 
 
     bar = tqdm(total=len(jobs), desc="grading", unit="submission", disable=not progress or not jobs)
     pending, running, done = list(jobs), {}, []
-    hard_limit = limits.wall_s + 180  # kernel start, scoring and writing on top of the notebook's own limit
+    # On top of the notebook's own limit: kernel start, scoring, writing, and a timed task's own stage.
+    hard_limit = limits.wall_s + 180 + TimedTask.max_seconds
     with tempfile.TemporaryDirectory(prefix="inferlab-jobs-") as tmp:
         while pending or running:
             while pending and len(running) < workers:

@@ -232,5 +232,43 @@ def report(results: Path, out: Path) -> None:
     click.echo(f"wrote {page} and {grades}")
 
 
+@main.command()
+@click.option("--lab", default="kv_cache", show_default=True, help="The lab whose bundled samples to grade.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"),
+              show_default=True, help="Submissions, grading output, report.html and grades.csv go here.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=10), default=150, show_default=True,
+              help="Wall-time limit per sample, in seconds (the 'loop' sample uses all of it).")
+def demo(lab: str, out: Path, workers: int, timeout: float) -> None:
+    """Autograde LAB's bundled sample class and write the instructor report (what `make demo` runs).
+
+    Grades each sample (reference, stub, slow, wrong, crash, loop, snoop, timer-patch) in the
+    bubblewrap sandbox, then prints awarded against expected points. Exits non-zero if any
+    sample's grade or anti-cheat flag differs from what a careful human grader would give.
+    A re-run regrades only what changed.
+
+    \b
+    Example:
+      inferlab demo --out demo-output
+    """
+    need_extra("nbgrader", "lab")
+    import shutil
+
+    from .demo import run_demo, table
+
+    if shutil.which("bwrap") is None:
+        click.echo("bubblewrap is not installed: grading the bundled samples without a sandbox (they are "
+                   "trusted code; install it with `apt-get install bubblewrap` before grading learners)", err=True)
+    try:
+        rows, page, grades = run_demo(out, lab, workers=workers, timeout_s=timeout)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(table(rows))
+    click.echo(f"wrote {page}, {grades} and {out / 'grading' / lab} (results, feedback, gradebook.db)")
+    wrong = [r.sample for r in rows if not r.agrees]
+    if wrong:
+        raise click.ClickException(f"not graded as expected: {', '.join(wrong)}; see {out / 'grading' / lab}/results")
+
+
 if __name__ == "__main__":
     main()

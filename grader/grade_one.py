@@ -7,7 +7,9 @@ It writes the executed notebook and a result JSON; it never touches the gradeboo
 
 from __future__ import annotations
 
+import importlib
 import json
+import secrets
 import sys
 import time
 import traceback
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import notebook
+from . import notebook, perf_stage
 from .execute import SubmissionError, execute, load_submission, prepare, score
 from .sandbox import Limits
 
@@ -37,14 +39,20 @@ def grade_one(job: dict) -> dict:
     nb, seeds = prepare(source, submitted, job.get("seed"))
     run = execute(nb, job["backend"], Limits(**job["limits"]), Path(job["workdir"]))
     scored = score(run.notebook)
+    result.update(
+        points=scored.points, tasks=[asdict(t) for t in scored.tasks], checks=[asdict(c) for c in scored.checks],
+        seeds=seeds, timed_out=run.timed_out, kernel_died=run.kernel_died, output_truncated=run.output_truncated,
+        error=run.error, kernel_log=run.kernel_log if run.error else "")
+    # A timed task is measured after the notebook, in separate processes (see grader.perf_stage).
+    spec = getattr(importlib.import_module(f"grader.labs.{lab}"), "TIMED", None)
+    if spec is not None:
+        seed = seeds.get(spec.gate, secrets.randbelow(2**31))
+        perf_stage.apply(lab, result, run.notebook, source, job["backend"], Limits(**job["limits"]), seed,
+                         Path(job["workdir"]))
     executed_path = Path(job["executed"])
     executed_path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(run.notebook, str(executed_path))
-    result.update(
-        points=scored.points, tasks=[asdict(t) for t in scored.tasks], checks=[asdict(c) for c in scored.checks],
-        seconds=round(time.perf_counter() - start, 2), executed=str(executed_path), seeds=seeds,
-        timed_out=run.timed_out, kernel_died=run.kernel_died, output_truncated=run.output_truncated,
-        error=run.error, kernel_log=run.kernel_log if run.error else "")
+    result.update(seconds=round(time.perf_counter() - start, 2), executed=str(executed_path))
     return result
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from nbgrader.api import Gradebook, MissingEntry
+from sqlalchemy.exc import SAWarning
 
 from . import notebook
 
@@ -19,7 +21,9 @@ def record(db_path: Path, lab: str, source, results: list[dict]) -> None:
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    with Gradebook(f"sqlite:///{db_path}") as gb:
+    with warnings.catch_warnings(), Gradebook(f"sqlite:///{db_path}") as gb:
+        # nbgrader's own session use trips SQLAlchemy's autoflush warnings; they say nothing about our data.
+        warnings.simplefilter("ignore", SAWarning)
         gb.update_or_create_assignment(lab)
         gb.update_or_create_notebook(lab, lab)
         for c in source.cells:

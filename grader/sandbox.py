@@ -75,7 +75,9 @@ def kernel_env(limits: Limits, home: str) -> dict[str, str]:
             "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "TORCH_NUM_THREADS": n,
             "MPLBACKEND": "module://matplotlib_inline.backend_inline", "MPLCONFIGDIR": f"{home}/.mpl",
             "PYTHONDONTWRITEBYTECODE": "1", "IPYTHONDIR": f"{home}/.ipython", "JUPYTER_PLATFORM_DIRS": "1",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            # Self-checks that would only repeat what the autograder measures itself (timing) skip their work.
+            "INFERLAB_AUTOGRADE": "1"}
 
 
 def bwrap_command(inner: list[str], sockets: Path, limits: Limits) -> list[str]:
@@ -113,6 +115,26 @@ def docker_command(inner: list[str], sockets: Path, limits: Limits, image: str) 
     return cmd + [image] + inner
 
 
+def sandboxed(inner: list[str], backend: str, limits: Limits, private: Path,
+              image: str = "inferlab-grader:latest") -> list[str]:
+    """`inner` (a command starting with this Python) wrapped in the chosen sandbox; `private` is the
+    one host folder it may write (bind-mounted at the same path)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sandbox {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "bwrap":
+        return bwrap_command(inner, private, limits)
+    if backend == "docker":
+        return docker_command(["python", *inner[1:]], private, limits, image)
+    return limits.prlimit_args() + inner
+
+
+def sandbox_env(backend: str, limits: Limits, private: Path) -> dict[str, str]:
+    """The environment to start the sandbox command with: never the grader's own (tokens, paths, seeds)."""
+    if backend == "none":
+        return {**kernel_env(limits, str(private)), "PATH": os.environ.get("PATH", "")}
+    return {"PATH": os.environ.get("PATH", "")}
+
+
 class SandboxedKernelManager(AsyncKernelManager):
     """A KernelManager whose kernel process is started inside the chosen sandbox, talking over ipc sockets."""
 
@@ -127,19 +149,10 @@ class SandboxedKernelManager(AsyncKernelManager):
 
     def format_kernel_cmd(self, extra_arguments=None) -> list[str]:
         inner = [sys.executable, "-m", "ipykernel_launcher", "-f", self.connection_file]
-        if self.backend == "bwrap":
-            return bwrap_command(inner, self.sockets, self.limits)
-        if self.backend == "docker":
-            return docker_command(["python", "-m", "ipykernel_launcher", "-f", self.connection_file],
-                                  self.sockets, self.limits, self.image)
-        return self.limits.prlimit_args() + inner
+        return sandboxed(inner, self.backend, self.limits, self.sockets, self.image)
 
     async def _async_launch_kernel(self, kernel_cmd, **kw):
-        # The sandboxed kernel must not inherit the grader's environment (tokens, paths, seeds).
-        if self.backend == "none":
-            kw["env"] = {**kernel_env(self.limits, str(self.sockets)), "PATH": os.environ.get("PATH", "")}
-        else:
-            kw["env"] = {"PATH": os.environ.get("PATH", "")}
+        kw["env"] = sandbox_env(self.backend, self.limits, self.sockets)
         # The kernel's own stdout/stderr (start-up banners, crashes) go to a log, not the grader's console.
         log = open(self.sockets / "kernel.log", "ab")  # noqa: SIM115 (closed by close_log)
         self._kernel_log = log

@@ -139,3 +139,13 @@ def test_crash_in_learner_code_is_an_error_with_its_line(reference):
 
     result = run_check("K3", checks.check_k3, crashes, reference["ContiguousKVCache"])
     assert result.status == ERROR and "AttributeError" in result.message and "n_layerz" in result.message
+
+
+def test_k4_times_only_correct_code(reference, tiny):
+    """K4's hidden test is the gate to timing: the reference passes it, the off-by-one answer does not."""
+    assert run_check("K4", checks.check_k4_ready, reference["cached_generate"], seed=4, model=tiny).passed
+    ns = dict(reference)
+    exec(notebook.cell(notebook.read(SOURCE), "k2-solution").source.replace(
+        "len(prompt) + i]", "len(prompt) + i + 1]"), ns)
+    result = run_check("K4", checks.check_k4_ready, ns["cached_generate"], seed=4, model=tiny)
+    assert result.status == FAILED and "must first be correct" in result.message, result.line()
