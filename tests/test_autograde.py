@@ -19,6 +19,7 @@ import pytest
 
 from grader import gradebook, notebook, samples
 from grader.autograde import autograde
+from grader.demo import run_demo, table
 from grader.report import flags_of, write_report
 from grader.sandbox import Limits
 
@@ -26,27 +27,35 @@ pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewra
 
 LAB = "kv_cache"
 SAMPLES = samples.definitions(LAB)
-LIMITS = Limits(wall_s=240)  # the reference needs about 100 s on one core; 'loop' uses all of it
+LIMITS = Limits(wall_s=150)  # the reference needs about 60 s on one core; 'loop' uses all of it
 
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
-    root = tmp_path_factory.mktemp("autograde")
+    """The sample class, graded the way `make demo` grades it (flat layout, 2 workers, bubblewrap)."""
+    root = tmp_path_factory.mktemp("demo")
+    start = time.perf_counter()
+    rows, page, grades = run_demo(root, LAB, workers=2, timeout_s=LIMITS.wall_s, backend="bwrap", progress=False)
+    seconds = time.perf_counter() - start
+    results = {p.stem: json.loads(p.read_text()) for p in (root / "grading" / LAB / "results").glob("*.json")}
+    return root / "grading" / LAB, results, seconds, rows
+
+
+@pytest.fixture(scope="module")
+def nbgrader_layout(tmp_path_factory):
+    """nbgrader's submitted/<student>/<lab>/<lab>.ipynb, with an untouched release and two unusable files."""
+    root = tmp_path_factory.mktemp("submitted")
     subs = root / "submitted"
-    paths = samples.build(LAB, root / "flat")
-    for name, path in paths.items():  # nbgrader's layout: submitted/<student>/<lab>/<lab>.ipynb
-        (subs / name / LAB).mkdir(parents=True)
-        shutil.copy(path, subs / name / LAB / f"{LAB}.ipynb")
+    stub = samples.build(LAB, root / "flat", ["stub"])["stub"]
+    (subs / "stub" / LAB).mkdir(parents=True)
+    shutil.copy(stub, subs / "stub" / LAB / f"{LAB}.ipynb")
     (subs / "notjson" / LAB).mkdir(parents=True)
     (subs / "notjson" / LAB / f"{LAB}.ipynb").write_text("{ this is not a notebook")
     (subs / "empty" / LAB).mkdir(parents=True)
     (subs / "empty" / LAB / f"{LAB}.ipynb").write_text(json.dumps(
         {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
-    start = time.perf_counter()
     outcomes = autograde(LAB, root, root / "out", workers=2, backend="bwrap", limits=LIMITS, progress=False)
-    seconds = time.perf_counter() - start
-    results = {o.student: json.loads(o.result_path.read_text()) for o in outcomes}
-    return root, results, seconds
+    return root, {o.student: json.loads(o.result_path.read_text()) for o in outcomes}
 
 
 def task_points(result):
@@ -55,14 +64,14 @@ def task_points(result):
 
 @pytest.mark.parametrize("name", list(SAMPLES))
 def test_sample_gets_what_a_careful_grader_gives(graded, name):
-    _, results, _ = graded
+    _, results, _, _ = graded
     result = results[name]
     assert result["status"] == "graded", result.get("error")
     assert task_points(result) == SAMPLES[name]["expected"], json.dumps(result["tasks"], indent=1)
 
 
 def test_specific_outcomes_are_explained(graded):
-    _, results, _ = graded
+    _, results, _, _ = graded
     assert results["loop"]["timed_out"] and "time limit" in results["loop"]["error"]
     assert results["crash"]["kernel_died"] and "kernel died" in results["crash"]["error"]
     slow_k4 = next(c for c in results["slow"]["checks"] if c["task"] == "K4")
@@ -74,42 +83,43 @@ def test_specific_outcomes_are_explained(graded):
 
 
 def test_snoop_found_nothing_to_copy(graded):
-    root, results, _ = graded
+    out, results, _, _ = graded
     executed = notebook.read(results["snoop"]["executed"])
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "snooped: []" in text
 
 
-def test_bad_notebooks_are_rejected_with_a_reason(graded):
-    _, results, _ = graded
+def test_bad_notebooks_are_rejected_with_a_reason(nbgrader_layout):
+    _, results = nbgrader_layout
+    assert results["stub"]["status"] == "graded" and results["stub"]["points"] == 0
     assert results["notjson"]["status"] == "rejected" and "not a valid Jupyter notebook" in results["notjson"]["error"]
     assert results["empty"]["status"] == "rejected" and "answer cells" in results["empty"]["error"]
 
 
 def test_gradebook_holds_the_scores(graded):
-    root, results, _ = graded
-    scores = gradebook.scores(root / "out" / "gradebook.db", LAB)
+    out, results, _, _ = graded
+    scores = gradebook.scores(out / "gradebook.db", LAB)
     for name, spec in SAMPLES.items():
         assert scores[name] == pytest.approx(sum(spec["expected"].values()))
 
 
 def test_feedback_pages(graded):
-    root, results, _ = graded
-    page = (root / "out" / "feedback" / "wrong" / LAB / f"{LAB}.html").read_text()
+    out, results, _, _ = graded
+    page = (out / "feedback" / "wrong" / LAB / f"{LAB}.html").read_text()
     assert "Score: 5 / 10" in page and "differs from naive_generate" in page
-    page = (root / "out" / "feedback" / "slow" / LAB / f"{LAB}.html").read_text()
+    page = (out / "feedback" / "slow" / LAB / f"{LAB}.html").read_text()
     assert "bar " in page  # measured performance next to the threshold
 
 
 def test_flags_match_the_samples(graded):
-    _, results, _ = graded
+    _, results, _, _ = graded
     for name, spec in SAMPLES.items():
         assert bool(flags_of(results[name])) == spec["flags"], (name, flags_of(results[name]))
 
 
 def test_report_and_grades_csv(graded, tmp_path):
-    root, results, _ = graded
-    page, grades = write_report(root / "out", tmp_path)
+    out, results, _, _ = graded
+    page, grades = write_report(out, tmp_path)
     text = page.read_text()
     for heading in ("<h2>Scores</h2>", "<h2>Tasks</h2>", "<h2>Performance</h2>", "<h2>Failure reasons",
                     "<h2>Flagged"):
@@ -120,20 +130,45 @@ def test_report_and_grades_csv(graded, tmp_path):
     assert {r["Student"]: float(r[LAB]) for r in rows}["reference"] == 10
 
 
-def test_rerun_skips_unchanged_submissions(graded):
-    root, _, _ = graded
+def test_rerun_skips_unchanged_submissions(nbgrader_layout):
+    root, _ = nbgrader_layout
     start = time.perf_counter()
     outcomes = autograde(LAB, root, root / "out", workers=2, backend="bwrap", limits=LIMITS, progress=False)
-    assert all(o.status == "skipped" for o in outcomes)
+    assert outcomes and all(o.status == "skipped" for o in outcomes)
     assert time.perf_counter() - start < 60
 
 
 def test_nbgrader_export_reads_our_gradebook(graded, tmp_path):
-    root, _, _ = graded
-    db = root / "out" / "gradebook.db"
+    out, _, _, _ = graded
     exe = str(Path(sys.executable).with_name("nbgrader"))
-    res = subprocess.run([exe, "export", f"--CourseDirectory.db_url=sqlite:///{db}", f"--CourseDirectory.root={tmp_path}",
-                          f"--to={tmp_path / 'grades.csv'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([exe, "export", f"--CourseDirectory.db_url=sqlite:///{out / 'gradebook.db'}",
+                          f"--CourseDirectory.root={tmp_path}", f"--to={tmp_path / 'grades.csv'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     rows = {r["student_id"]: r for r in csv.DictReader((tmp_path / "grades.csv").open())}
     assert float(rows["reference"]["raw_score"]) == 10 and float(rows["wrong"]["raw_score"]) == 5
+
+
+def test_timed_task_ran_outside_the_notebook(graded):
+    """K4's verdict comes from the separate-process stage: the reference timed in the same run."""
+    out, results, _, _ = graded
+    k4 = next(c for c in results["reference"]["checks"] if c["task"] == "K4")
+    assert k4["status"] == "passed" and k4["measured"]["reference_speedup_vs_naive"] > k4["measured"]["threshold"]
+    executed = notebook.read(results["slow"]["executed"])
+    shown = "".join(o.get("text", "") for o in notebook.cell(executed, "k4-hidden").outputs)
+    assert "[grader] K4 timed in separate processes" in shown and "FAILED" in shown
+
+
+def test_demo_table_and_command(graded):
+    """`inferlab demo` (make demo) on the graded class: regrades nothing, prints the table, exits 0."""
+    out, _, _, rows = graded
+    assert all(r.agrees for r in rows), table(rows)
+    demo_root = out.parent.parent
+    exe = str(Path(sys.executable).with_name("inferlab"))
+    res = subprocess.run([exe, "demo", "--out", str(demo_root), "--timeout", str(LIMITS.wall_s)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for name in SAMPLES:
+        assert f"\n{name} " in res.stdout
+    assert "NO" not in res.stdout.split() and f"wrote {demo_root / 'report.html'}" in res.stdout
+    assert (demo_root / "grades.csv").is_file()
