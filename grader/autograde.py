@@ -63,6 +63,8 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int = 2, back
     from .feedback import write_feedback
     from .gradebook import record
 
+    # Absolute paths: the sandboxed kernel starts in its own working directory, where relative ones break.
+    out, submissions_dir = Path(out).resolve(), Path(submissions_dir).resolve()
     source = source_path(lab)
     subs = discover(lab, submissions_dir)
     if not limits.threads:  # share the cores: oversubscribed OpenMP threads slow everyone down many times over

@@ -60,6 +60,7 @@ class Worker:
     def __init__(self, lab: str, role: str, cells: list[str], backend: str, limits: Limits, private: Path,
                  deadline: float):
         self.role, self.deadline = role, deadline
+        private = private.resolve()
         private.mkdir(parents=True, exist_ok=True)
         os.chmod(private, 0o777)
         cmd = sandboxed([sys.executable, "-m", "grader.perf_worker"], backend, limits, private)

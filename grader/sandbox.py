@@ -141,6 +141,7 @@ class SandboxedKernelManager(AsyncKernelManager):
     def __init__(self, backend: str, limits: Limits, sockets: Path, image: str = "inferlab-grader:latest", **kw):
         if backend not in BACKENDS:
             raise ValueError(f"unknown sandbox {backend!r}; choose one of {', '.join(BACKENDS)}")
+        sockets = Path(sockets).resolve()  # the kernel runs in another working directory
         sockets.mkdir(parents=True, exist_ok=True)
         os.chmod(sockets, 0o777)  # the sandboxed user (uid 1000) creates its sockets here
         super().__init__(kernel_name="python3", transport="ipc", ip=str(sockets / "kernel"),

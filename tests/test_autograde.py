@@ -172,3 +172,16 @@ def test_demo_table_and_command(graded):
         assert f"\n{name} " in res.stdout
     assert "NO" not in res.stdout.split() and f"wrote {demo_root / 'report.html'}" in res.stdout
     assert (demo_root / "grades.csv").is_file()
+
+
+def test_cli_with_relative_paths(nbgrader_layout):
+    """`--out` and `--submissions` relative to the working directory (as `make demo` passes them)."""
+    root, _ = nbgrader_layout
+    (root / "one" / "stub" / LAB).mkdir(parents=True)
+    shutil.copy(root / "submitted" / "stub" / LAB / f"{LAB}.ipynb", root / "one" / "stub" / LAB / f"{LAB}.ipynb")
+    exe = str(Path(sys.executable).with_name("inferlab"))
+    res = subprocess.run([exe, "autograde", LAB, "--submissions", "one", "--out", "relative-out", "--timeout", "120"],
+                         cwd=root, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    result = json.loads((root / "relative-out" / LAB / "results" / "stub.json").read_text())
+    assert result["status"] == "graded" and len(result["tasks"]) == 4 and not result["error"], result
