@@ -58,8 +58,16 @@ def fingerprint(sub: Submission, source: Path) -> str:
 
 def autograde(lab: str, submissions_dir: Path, out: Path, workers: int = 2, backend: str = "bwrap",
               limits: Limits = Limits(), seed: int | None = None, progress: bool = True,
-              force: bool = False) -> list[Outcome]:
-    """Grade every submission of `lab` under `submissions_dir`; write results, gradebook and feedback to `out`."""
+              force: bool = False, gradebook_path: Path | None = None,
+              results_dir: Path | None = None) -> list[Outcome]:
+    """Grade every submission of `lab` under `submissions_dir`; write results, gradebook and feedback to `out`.
+
+    Under `out`: `autograded/<student>/<lab>/<lab>.ipynb` and `feedback/<student>/<lab>/<lab>.html`
+    (nbgrader's own layout, so `out` may be an nbgrader course root: formgrader then lists the
+    submissions as autograded and `nbgrader release_feedback` hands the pages out),
+    `gradebook.db` unless `gradebook_path` says otherwise, and one result JSON per student
+    in `results_dir` (default `out/results`).
+    """
     from .feedback import write_feedback
     from .gradebook import record
 
@@ -69,10 +77,11 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int = 2, back
     subs = discover(lab, submissions_dir)
     if not limits.threads:  # share the cores: oversubscribed OpenMP threads slow everyone down many times over
         limits = dataclasses.replace(limits, threads=max(1, (os.cpu_count() or 1) // workers))
-    (out / "results").mkdir(parents=True, exist_ok=True)
+    results_dir = Path(results_dir).resolve() if results_dir else out / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
     jobs, outcomes = [], []
     for sub in subs:
-        result_path = out / "results" / f"{sub.student}.json"
+        result_path = results_dir / f"{sub.student}.json"
         fp = fingerprint(sub, source)
         if not force and result_path.is_file():
             old = json.loads(result_path.read_text())
@@ -86,7 +95,8 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int = 2, back
                      "workdir": str(out)})
     outcomes += run_jobs(jobs, workers, limits, progress)
     results = [json.loads(o.result_path.read_text()) for o in outcomes]
-    record(out / "gradebook.db", lab, notebook.read(source), results)
+    record(Path(gradebook_path).resolve() if gradebook_path else out / "gradebook.db", lab, notebook.read(source),
+           results)
     for r in results:
         write_feedback(out, lab, r)
     return sorted(outcomes, key=lambda o: o.student)

@@ -168,10 +168,15 @@ def calibrate(lab: str, out: Path, profile: str | None) -> None:
 
 @main.command()
 @click.argument("lab")
-@click.option("--submissions", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="nbgrader's submitted/ folder (<student>/<lab>/<lab>.ipynb) or a folder of <student>.ipynb.")
+@click.option("--submissions", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="nbgrader's submitted/ folder (<student>/<lab>/<lab>.ipynb) or a folder of <student>.ipynb. "
+                   "Default with --course: COURSE/submitted.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("grading-output"),
-              show_default=True, help="Results, executed notebooks, gradebook.db and feedback go here.")
+              show_default=True, help="Results, executed notebooks, gradebook.db and feedback go to OUT/LAB.")
+@click.option("--course", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="An nbgrader course root (as on the hub): grade COURSE/submitted into COURSE/autograded, "
+                   "COURSE/feedback and COURSE/gradebook.db, which formgrader reads; results go to "
+                   "COURSE/autograde-results/LAB. Replaces --out.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--sandbox", type=click.Choice(["bwrap", "docker", "none"]), default="bwrap", show_default=True,
               help="none isolates nothing: for trusted code only.")
@@ -181,13 +186,14 @@ def calibrate(lab: str, out: Path, profile: str | None) -> None:
               help="Address-space limit of a submission's kernel.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per submission (docker).")
 @click.option("--force", is_flag=True, help="Regrade even submissions that are unchanged since the last run.")
-def autograde(lab: str, submissions: Path, out: Path, workers: int, sandbox: str, timeout: float,
-              memory_mb: int, gpus: int, force: bool) -> None:
+def autograde(lab: str, submissions: Path | None, out: Path, course: Path | None, workers: int, sandbox: str,
+              timeout: float, memory_mb: int, gpus: int, force: bool) -> None:
     """Grade every submission of LAB in a sandbox, in parallel; scores go to nbgrader's gradebook.
 
     \b
-    Example:
+    Examples:
       inferlab autograde kv_cache --submissions course/submitted --workers 2 --out grading-output
+      inferlab autograde kv_cache --course .    # on the hub, in the course directory
     """
     need_extra("nbgrader", "lab")
     from .autograde import autograde as run_autograde
@@ -195,20 +201,36 @@ def autograde(lab: str, submissions: Path, out: Path, workers: int, sandbox: str
     from .sandbox import Limits
     from .submissions import discover
 
+    if course is not None:
+        if not (course / "nbgrader_config.py").is_file():
+            raise click.ClickException(f"{course} is not an nbgrader course (no nbgrader_config.py): "
+                                       "pass the course root, or use --submissions and --out")
+        submissions = submissions or course / "submitted"
+        target, results_dir = course, course / "autograde-results" / lab
+    elif submissions is None:
+        raise click.ClickException("say where the submissions are: --submissions DIR, or --course COURSE_ROOT")
+    else:
+        target, results_dir = out / lab, None
+    if not submissions.is_dir():
+        raise click.ClickException(f"no submissions folder at {submissions}: collect first (`nbgrader collect {lab}`)")
     try:
         source_path(lab)
         discover(lab, submissions)
-        outcomes = run_autograde(lab, submissions, out / lab, workers=workers, backend=sandbox,
-                                 limits=Limits(wall_s=timeout, memory_mb=memory_mb, gpus=gpus), force=force)
+        outcomes = run_autograde(lab, submissions, target, workers=workers, backend=sandbox,
+                                 limits=Limits(wall_s=timeout, memory_mb=memory_mb, gpus=gpus), force=force,
+                                 results_dir=results_dir)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise click.ClickException(str(err)) from None
     width = max(len(o.student) for o in outcomes)
     for o in outcomes:
         click.echo(f"  {o.student:<{width}}  {o.points:>5g} / {o.max_points:<5g} {o.status}")
-    click.echo(f"wrote {out / lab} (results/, autograded/, feedback/, gradebook.db)")
+    if course is not None:
+        click.echo(f"wrote {course}/autograded, {course}/feedback, {course / 'gradebook.db'} and {results_dir}")
+    else:
+        click.echo(f"wrote {target} (results/, autograded/, feedback/, gradebook.db)")
     errors = [o.student for o in outcomes if o.status == "grader-error"]
     if errors:
-        raise click.ClickException(f"grading failed for {', '.join(errors)}; see results/<student>.json, then rerun")
+        raise click.ClickException(f"grading failed for {', '.join(errors)}; see the results JSON of each, then rerun")
 
 
 @main.command()
@@ -268,6 +290,35 @@ def demo(lab: str, out: Path, workers: int, timeout: float) -> None:
     wrong = [r.sample for r in rows if not r.agrees]
     if wrong:
         raise click.ClickException(f"not graded as expected: {', '.join(wrong)}; see {out / 'grading' / lab}/results")
+
+
+@main.command("hub-account")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["learner", "instructor"]), default="learner", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("infra/hub"),
+              show_default=True, help="Folder of the hub's accounts.txt (created if missing).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input (for scripts).")
+def hub_account(name: str, role: str, out: Path, password_stdin: bool) -> None:
+    """Add a person to the classroom hub's accounts file, or change their role or password.
+
+    Only a salted pbkdf2 hash of the password is stored; every other entry is kept.
+
+    \b
+    Example:
+      inferlab hub-account ada --role instructor --out infra/hub
+    """
+    from .hub import write_account
+
+    if password_stdin:
+        password = click.get_text_stream("stdin").readline().rstrip("\n")
+    else:
+        password = click.prompt(f"password for {name}", hide_input=True, confirmation_prompt=True)
+    path = out / "accounts.txt"
+    try:
+        new = write_account(path, name, role, password)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{'added' if new else 'updated'} {name} ({role}) in {path}")
 
 
 if __name__ == "__main__":

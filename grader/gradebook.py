@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from nbgrader.api import Gradebook, MissingEntry
+from nbgrader.utils import parse_utc
 from sqlalchemy.exc import SAWarning
 
 from . import notebook
@@ -43,9 +44,11 @@ def record(db_path: Path, lab: str, source, results: list[dict]) -> None:
                 continue
             gb.update_or_create_student(r["student"])
             try:
-                gb.find_submission(lab, r["student"])
+                submission = gb.find_submission(lab, r["student"])
             except MissingEntry:
-                gb.add_submission(lab, r["student"])
+                submission = gb.add_submission(lab, r["student"])
+            if r.get("timestamp"):  # formgrader counts a submission as autograded only if the times match
+                submission.timestamp = parse_utc(r["timestamp"])
             by_cell = {t["cell"]: t["points"] for t in r.get("tasks", [])}
             for c in source.cells:
                 meta = c.metadata.get("nbgrader", {})
