@@ -223,7 +223,6 @@ def configure(c, env: dict | None = None) -> dict:
     c.ConfigurableHTTPProxy.pid_file = str(s["state"] / "proxy.pid")
     c.JupyterHub.db_url = f"sqlite:///{s['state'] / 'jupyterhub.sqlite'}"
     c.JupyterHub.cookie_secret_file = str(s["state"] / "cookie_secret")
-    c.JupyterHub.default_url = "/hub/home"
     c.Spawner.default_url = "/lab"
     c.Spawner.http_timeout = 120  # a cold server imports torch on first use, not at start; 2 min is ample
     c.Spawner.environment = {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}

@@ -20,6 +20,7 @@ Backends:
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import site
@@ -96,7 +97,11 @@ def bwrap_command(inner: list[str], sockets: Path, limits: Limits) -> list[str]:
     for root in python_roots():
         cmd += ["--ro-bind", str(root), str(root)]
     home = "/tmp/home"
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--dir", home, "--dir", "/tmp/work",
+    cmd += ["--proc", "/proc", "--dev", "/dev"]
+    if limits.gpus:  # the minimal /dev has no GPU: bind the NVIDIA device nodes the driver needs
+        for node in sorted(glob.glob("/dev/nvidia*")):
+            cmd += ["--dev-bind", node, node]
+    cmd += ["--dir", home, "--dir", "/tmp/work",
             "--bind", str(sockets), str(sockets), "--remount-ro", "/", "--chdir", "/tmp/work"]
     for key, value in kernel_env(limits, home).items():
         cmd += ["--setenv", key, value]

@@ -8,8 +8,8 @@ collects, runs `inferlab autograde` into the course gradebook, and formgrader sh
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,12 +23,13 @@ import requests
 
 from grader import notebook
 from grader.hub import HubConfigError, hash_password, read_accounts, settings, write_account
+import browser
 from jupyter_api import HubSession, UserServer
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "infra" / "hub" / "jupyterhub_config.py"
 BIN = Path(sys.executable).parent
-PASSWORDS = {"ada": "instructor-pass-1", "lin": "learner-pass-1"}
+PASSWORDS = {"ada": "instructor-pass-1", "lin": "learner-pass-1", "mei": "learner-pass-2"}
 
 needs_proxy = pytest.mark.skipif(shutil.which("configurable-http-proxy") is None,
                                  reason="configurable-http-proxy is not installed (npm install -g configurable-http-proxy)")
@@ -78,6 +79,7 @@ def hub(tmp_path_factory):
     accounts = root / "accounts.txt"
     write_account(accounts, "ada", "instructor", PASSWORDS["ada"])
     write_account(accounts, "lin", "learner", PASSWORDS["lin"])
+    write_account(accounts, "mei", "learner", PASSWORDS["mei"])
     port = free_port_block()
     log = open(root / "hub.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([str(BIN / "jupyterhub"), "-f", str(CONFIG)], cwd=root, env=hub_env(root, port, accounts),
@@ -106,21 +108,31 @@ def hub(tmp_path_factory):
         log.close()
 
 
-@needs_proxy
-def test_learner_fetches_self_checks_submits_and_instructor_grades(hub):
+@pytest.fixture(scope="module")
+def released(hub):
+    """The instructor logs in, starts a server and releases kv_cache to nbgrader's exchange from it."""
     base, root = hub
-    course = root / "course"
-
-    # The instructor releases the assignment to nbgrader's exchange, from their own server.
     ada = HubSession(base).login("ada", PASSWORDS["ada"])
     ada.start_server()
-    ada_server = UserServer(base, "ada", ada.token())
-    ada_kernel = ada_server.start_kernel()
-    shell = f"import subprocess, sys\nCOURSE = {str(course)!r}\n"
-    release = ada_server.run(ada_kernel, shell + (
+    server = UserServer(base, "ada", ada.token())
+    kernel = server.start_kernel()
+    release = server.run(kernel, shell(root / "course") + (
         "r = subprocess.run([sys.executable, '-m', 'nbgrader', 'release_assignment', 'kv_cache'], cwd=COURSE, "
         "capture_output=True, text=True)\nprint('exit', r.returncode, r.stderr[-800:])"))
     assert "exit 0" in release.text, release
+    return server, kernel
+
+
+def shell(course: Path) -> str:
+    return f"import subprocess, sys\nCOURSE = {str(course)!r}\n"
+
+
+@needs_proxy
+def test_learner_fetches_self_checks_submits_and_instructor_grades(hub, released):
+    base, root = hub
+    course = root / "course"
+    ada_server, ada_kernel = released
+    shell_code = shell(course)
 
     # The learner: log in, start a server, fetch through the assignment list (the Assignments tab's API).
     lin = HubSession(base).login("lin", PASSWORDS["lin"])
@@ -160,12 +172,12 @@ def test_learner_fetches_self_checks_submits_and_instructor_grades(hub):
 
     # The instructor collects and autogrades the course (its autograded/, feedback/ and gradebook.db),
     # which formgrader reads.
-    collect = ada_server.run(ada_kernel, shell + (
+    collect = ada_server.run(ada_kernel, shell_code + (
         "r = subprocess.run([sys.executable, '-m', 'nbgrader', 'collect', 'kv_cache'], cwd=COURSE, "
         "capture_output=True, text=True)\nprint('exit', r.returncode, r.stderr[-800:])"))
     assert "exit 0" in collect.text, collect
     assert (course / "submitted" / "lin" / "kv_cache" / "kv_cache.ipynb").is_file()
-    grade = ada_server.run(ada_kernel, shell + (
+    grade = ada_server.run(ada_kernel, shell_code + (
         "import os\ninferlab = os.path.join(os.path.dirname(sys.executable), 'inferlab')\n"
         "r = subprocess.run([inferlab, 'autograde', 'kv_cache', '--course', '.', '--timeout', '300'], cwd=COURSE, "
         "capture_output=True, text=True)\nprint('exit', r.returncode, r.stdout[-1500:], r.stderr[-1500:])"),
@@ -177,6 +189,45 @@ def test_learner_fetches_self_checks_submits_and_instructor_grades(hub):
     lin_row = next(r for r in rows if r["student"] == "lin")
     assert (course / "feedback" / "lin" / "kv_cache" / "kv_cache.html").is_file()  # for `nbgrader release_feedback`
     assert lin_row["score"] == 3 and lin_row["max_score"] == 10, lin_row  # K1's 3 points, nothing else done
+
+
+@needs_proxy
+@pytest.mark.skipif(browser.skip_reason() is not None, reason=browser.skip_reason() or "")
+def test_learner_on_the_hub_in_a_real_browser(hub, released):
+    """Log in through the hub's form in Chromium, land in JupyterLab, open the fetched assignment,
+    run its first cells and a self-check; the screenshot is kept as a test artifact."""
+    from playwright.sync_api import sync_playwright
+
+    base, root = hub
+    mei = HubSession(base).login("mei", PASSWORDS["mei"])  # fetch through the API: the browser part is the lab
+    mei.start_server()
+    server = UserServer(base, "mei", mei.token())
+    assert server.post("/assignments/fetch", data={"course_id": "inferlab", "assignment_id": "kv_cache"}).ok
+    artifact = "hub-kv_cache"
+    browser.clear_artifacts(artifact)
+    with sync_playwright() as pw:
+        chromium = browser.launch_chromium(pw)
+        try:
+            page = browser.new_page(chromium)
+            console = browser.capture_console(page)
+            with browser.artifacts_on_failure(page, artifact, logs=[root / "hub.log"], console=console):
+                page.goto(f"{base}/hub/login")
+                page.fill("#username_input", "mei")
+                page.fill("#password_input", PASSWORDS["mei"])
+                page.click("#login_submit")
+                page.wait_for_url(re.compile(r".*/user/mei/lab.*"), timeout=120_000)
+                page.goto(f"{base}/user/mei/lab/tree/kv_cache/kv_cache.ipynb")
+                browser.wait_for_notebook(page, timeout=90)
+                browser.wait_for_kernel_idle(page, timeout=90)
+                setup = browser.run_cell_containing(page, 'tokenizer = load_tokenizer("tiny")', timeout=120)
+                assert setup.lstrip().startswith("tiny: 5,278,976 parameters"), setup
+                browser.run_cell_containing(page, "class ContiguousKVCache", timeout=30)
+                k1 = browser.run_cell_containing(page, 'self_check("K1"', timeout=60)
+                assert "[K1] not attempted" in k1 and "Task K1" in k1, k1  # the untouched release
+                shot = browser.save_screenshot(page, artifact)
+        finally:
+            chromium.close()
+    assert shot.is_file() and shot.stat().st_size > 20_000
 
 
 # ------------------------------------------------------------------------------------- bad input
