@@ -149,3 +149,34 @@ def test_k4_times_only_correct_code(reference, tiny):
         "len(prompt) + i]", "len(prompt) + i + 1]"), ns)
     result = run_check("K4", checks.check_k4_ready, ns["cached_generate"], seed=4, model=tiny)
     assert result.status == FAILED and "must first be correct" in result.message, result.line()
+
+
+def test_code_that_edits_the_model_is_caught(reference, tiny):
+    """Dropping layers makes generation faster and, compared on the edited model, 'equal' to the baseline."""
+    fast = reference["cached_generate"]
+
+    def drops_layers(model, prompt, n, **kw):
+        model.layers = model.layers[:1]
+        return fast(model, prompt, n, **kw)
+
+    import copy
+
+    result = run_check("K2", checks.check_k2, drops_layers, model=copy.deepcopy(tiny), new_tokens=6)
+    assert result.status == FAILED and "changed the model" in result.message, result.line()
+
+
+def test_tokens_that_claim_to_equal_anything_are_caught(reference, tiny):
+    class AlwaysEqual(int):
+        def __eq__(self, other):
+            return True
+
+        def __ne__(self, other):
+            return False
+
+        __hash__ = int.__hash__
+
+    def lies(model, prompt, n, **kw):
+        return [AlwaysEqual(0)] * n
+
+    result = run_check("K2", checks.check_k2, lies, model=tiny, new_tokens=6)
+    assert result.status == FAILED and "differs from naive_generate" in result.message, result.line()

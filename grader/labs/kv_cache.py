@@ -120,8 +120,14 @@ def check_k2(generate_fn: Any, seed: int = PUBLIC_SEED, model: Transformer | Non
     for net, prompt, which in trials:
         n = min(new_tokens, net.args.max_seq_len - len(prompt))
         for kw in cases:
-            got = list(generate_fn(net, list(prompt), n, **kw))  # learner first: fail fast
+            # The baseline runs first, on the untouched model: code that edits the model (dropping
+            # layers, say) would otherwise be compared with the baseline on its own edited model.
             want = naive_generate(net, prompt, n, **kw)
+            before = model_fingerprint(net)
+            got = as_token_list(generate_fn(net, list(prompt), n, **kw))
+            if model_fingerprint(net) != before:
+                raise CheckFailed(f"cached_generate changed the model it was given ({which}): generation must "
+                                  "leave the model's layers and weights as they were")
             if got != want:
                 where = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
                 mode = "greedy" if kw["temperature"] == 0 else f"sampled ({kw})"
@@ -133,10 +139,26 @@ def check_k2(generate_fn: Any, seed: int = PUBLIC_SEED, model: Transformer | Non
                     first_mismatch=where)
             checked += 1
     eos = naive_generate(model, trials[0][1], 1)[0]
-    got = list(generate_fn(model, list(trials[0][1]), new_tokens, eos_id=eos))
+    got = as_token_list(generate_fn(model, list(trials[0][1]), new_tokens, eos_id=eos))
     if got != [eos]:
         raise CheckFailed(f"with eos_id={eos} generation should stop right after emitting it; got {len(got)} tokens")
     return {"generations_compared": checked + 1, "new_tokens": new_tokens}
+
+
+def as_token_list(tokens: Any) -> list[int]:
+    """Plain ints: an int subclass that claims to equal anything must not pass a comparison."""
+    try:
+        return [int.__index__(t) if isinstance(t, int) else int(t) for t in tokens]
+    except (TypeError, ValueError) as err:
+        raise CheckFailed(f"cached_generate must return a list of token ids (ints); got {type(tokens).__name__} "
+                          f"({err})") from None
+
+
+def model_fingerprint(model: Transformer) -> tuple:
+    """The model's structure and a checksum of its weights, to notice code that edits the model."""
+    with torch.no_grad():
+        return (repr(model.args), len(list(model.modules())),
+                tuple((name, tuple(p.shape), float(p.double().sum())) for name, p in model.named_parameters()))
 
 
 def expected_kv_bytes(args: ModelArgs, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
@@ -236,7 +258,8 @@ def check_k4_ready(generate_fn: Any, seed: int = PUBLIC_SEED, model: Transformer
     except CheckFailed as err:
         raise CheckFailed(f"K4 times cached_generate, so it must first be correct; K2 says: {err.message}") from None
     prompt = _k4_prompts(seed, 1)[0]
-    if list(generate_fn(model, list(prompt), K4_NEW_TOKENS)) != naive_generate(model, prompt, K4_NEW_TOKENS):
+    want = naive_generate(model, prompt, K4_NEW_TOKENS)
+    if as_token_list(generate_fn(model, list(prompt), K4_NEW_TOKENS)) != want:
         raise CheckFailed("K4 times cached_generate, so it must first return naive_generate's tokens "
                           f"for a {K4_PROMPT_TOKENS}-token prompt: make K2 pass first")
     return {"correct_at_prompt_tokens": K4_PROMPT_TOKENS}
