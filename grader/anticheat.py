@@ -21,6 +21,8 @@ PATTERNS: list[tuple[str, str]] = [
     (r"\bsocket\b|urllib|requests\.|http\.client", "opens network connections"),
     (r"os\.kill|\bsignal\.|subprocess|os\.fork|os\.system|ctypes", "controls processes or memory directly"),
     (r"os\.environ|getenv", "reads environment variables"),
+    (r"\bbuiltins\b|__builtins__|sys\.modules|_getframe|\bf_locals\b|\bgc\.get_objects|__closure__",
+     "reaches into the interpreter (built-ins, loaded modules, stack frames)"),
 ]
 
 
@@ -46,4 +48,9 @@ def runtime_flags(result: dict) -> list[str]:
     for check in result.get("checks", []):
         if check.get("measured", {}).get("tampering"):
             flags.append(f"{check['task']}: timing functions replaced at run time ({check['measured']['tampering']})")
+    for task in result.get("tasks", []):
+        if task.get("message", "").startswith("passed in the notebook but not when re-run") and not task.get("tampering"):
+            flags.append(f"{task['cell']}: passed in the notebook, not in a clean re-run of the same code")
+        if task.get("tampering"):
+            flags.append(f"{task['cell']}: the grader or runtime replaced at run time ({task['tampering']})")
     return flags

@@ -31,6 +31,7 @@ from . import notebook
 from .checks import CheckResult, parse_results
 from .sandbox import Limits, SandboxedKernelManager
 
+GRADED_CELL_OUTPUT_BYTES = 64_000  # per hidden test cell, outside the submission's output limit
 SEED_LINE = re.compile(r"^GRADING_SEED = \d+.*$", re.MULTILINE)
 
 
@@ -133,6 +134,10 @@ class LimitedClient(NotebookClient):
 
     def output(self, outs, msg, display_id, cell_index):
         size = len(str(msg.get("content", "")))
+        graded = self.nb.cells[cell_index].metadata.get("nbgrader", {}).get("grade", False)
+        if graded and sum(len(str(o)) for o in outs) + size <= GRADED_CELL_OUTPUT_BYTES:
+            # A hidden test's own report always gets through: a flood elsewhere must not cost its verdict.
+            return super().output(outs, msg, display_id, cell_index)
         self.output_bytes += size
         if self.output_bytes > self.max_output_bytes:
             if not self.truncated:
@@ -222,11 +227,11 @@ def score(executed) -> Scored:
         meta = c.metadata.get("nbgrader", {})
         if c.cell_type != "code":
             continue
+        if not meta.get("grade"):
+            continue  # result lines count only from hidden tests: any other cell could print one
         text = "".join(o.get("text", "") for o in c.get("outputs", []) if o.get("output_type") == "stream")
         checks = parse_results(text)
         out.checks += checks
-        if not meta.get("grade"):
-            continue
         errors = [o for o in c.get("outputs", []) if o.get("output_type") == "error"]
         completed = c.metadata.get("inferlab", {}).get("completed", False)
         # A hidden test must also have reported its check as passed: a test cell that merely did not

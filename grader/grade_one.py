@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import notebook, perf_stage
+from . import notebook, perf_stage, verify_stage
 from .execute import SubmissionError, execute, load_submission, prepare, score
 from .sandbox import Limits
 
@@ -43,6 +43,8 @@ def grade_one(job: dict) -> dict:
         points=scored.points, tasks=[asdict(t) for t in scored.tasks], checks=[asdict(c) for c in scored.checks],
         seeds=seeds, timed_out=run.timed_out, kernel_died=run.kernel_died, output_truncated=run.output_truncated,
         error=run.error, kernel_log=run.kernel_log if run.error else "")
+    # The hidden tests again, in a clean process the learner's code cannot fool (grader.verify_stage).
+    verify_stage.apply(lab, result, run.notebook, job["backend"], Limits(**job["limits"]), Path(job["workdir"]))
     # A timed task is measured after the notebook, in separate processes (see grader.perf_stage).
     spec = getattr(importlib.import_module(f"grader.labs.{lab}"), "TIMED", None)
     if spec is not None:

@@ -17,14 +17,23 @@ from . import notebook
 from .catalogue import REPO_ROOT
 
 
-def definitions(lab: str) -> dict:
-    path = REPO_ROOT / "samples" / f"{lab}.py"
+KINDS = {"samples": ("{lab}.py", "SAMPLES"), "attacks": ("{lab}_attacks.py", "ATTACKS")}
+
+
+def definitions(lab: str, kind: str = "samples") -> dict:
+    """A lab's sample submissions (`samples/<lab>.py`) or attack submissions (`samples/<lab>_attacks.py`)."""
+    filename, attribute = KINDS[kind]
+    path = REPO_ROOT / "samples" / filename.format(lab=lab)
     if not path.is_file():
-        raise FileNotFoundError(f"lab {lab!r} has no sample definitions at {path}")
-    spec = importlib.util.spec_from_file_location(f"samples_{lab}", path)
+        raise FileNotFoundError(f"lab {lab!r} has no {kind} definitions at {path}")
+    import sys
+
+    if str(REPO_ROOT) not in sys.path:  # definitions may import each other as `samples.<lab>`
+        sys.path.insert(0, str(REPO_ROOT))
+    spec = importlib.util.spec_from_file_location(f"samples_{lab}_{kind}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.SAMPLES
+    return getattr(module, attribute)
 
 
 def solved(lab: str):
@@ -36,11 +45,15 @@ def solved(lab: str):
     return nb
 
 
-def build(lab: str, out: Path, names: list[str] | None = None) -> dict[str, Path]:
-    """Write `<out>/<name>.ipynb` for each sample (flat layout); returns the paths."""
+def build(lab: str, out: Path, names: list[str] | None = None, kind: str = "samples") -> dict[str, Path]:
+    """Write `<out>/<name>.ipynb` for each sample (flat layout); returns the paths.
+
+    A definition's `cells` replace answer cells; with `keep_solution` they are appended to the
+    solved cell instead (`prepend`: put before it); `add_after` inserts cells the learner added.
+    """
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, spec in definitions(lab).items():
+    for name, spec in definitions(lab, kind).items():
         if names and name not in names:
             continue
         if spec.get("from_release"):
@@ -48,7 +61,15 @@ def build(lab: str, out: Path, names: list[str] | None = None) -> dict[str, Path
         else:
             nb = copy.deepcopy(solved(lab))
         for cell_id, new_source in spec.get("cells", {}).items():
-            notebook.cell(nb, cell_id).source = new_source.strip() + "\n"
+            c = notebook.cell(nb, cell_id)
+            if spec.get("keep_solution"):
+                parts = [new_source.strip(), c.source.strip()] if spec.get("prepend") else [c.source.strip(),
+                                                                                           new_source.strip()]
+                c.source = "\n\n".join(parts) + "\n"
+            else:
+                c.source = new_source.strip() + "\n"
+        for cell_id, added in spec.get("add_after", {}).items():
+            nb.cells.insert(nb.cells.index(notebook.cell(nb, cell_id)) + 1, nbformat.v4.new_code_cell(added))
         for cell_id, (old, new) in spec.get("replace", {}).items():
             c = notebook.cell(nb, cell_id)
             if old not in c.source:

@@ -1,0 +1,109 @@
+"""Attacks on the grader (samples/kv_cache_attacks.py), graded in one batch as a class would be.
+
+Each attack must get what its honest part deserves, be flagged where it cheated, and leave
+no trace outside its sandbox; every other submission in the batch is graded as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from grader import notebook, samples
+from grader.autograde import autograde
+from grader.report import flags_of
+from grader.sandbox import Limits
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")]
+
+LAB = "kv_cache"
+ATTACKS = samples.definitions(LAB, "attacks")
+HOST_TRACES = [Path("/var/tmp/inferlab-pwned"), Path("/tmp/inferlab-pwned")]
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    import inferlab
+
+    traces = HOST_TRACES + [Path(inferlab.__file__).parent / "PWNED"]
+    for trace in traces:
+        trace.unlink(missing_ok=True)
+    root = tmp_path_factory.mktemp("attacks")
+    samples.build(LAB, root / "submitted", kind="attacks")
+    samples.build(LAB, root / "submitted", ["reference"])  # an honest neighbour in the same batch
+    start = time.perf_counter()
+    outcomes = autograde(LAB, root / "submitted", root / "out", workers=2, backend="bwrap",
+                         limits=Limits(wall_s=150), progress=False)
+    seconds = time.perf_counter() - start
+    results = {o.student: json.loads(o.result_path.read_text()) for o in outcomes}
+    return results, seconds, traces
+
+
+def output_of(result: dict, cell_id: str) -> str:
+    executed = notebook.read(result["executed"])
+    return "".join(o.get("text", "") for o in notebook.cell(executed, cell_id).outputs)
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attack_gets_what_its_honest_part_deserves(graded, name):
+    results, _, _ = graded
+    result = results[name]
+    assert result["status"] == "graded", result.get("error")
+    got = {notebook.task_of(t["cell"]): t["points"] for t in result["tasks"]}
+    assert got == ATTACKS[name]["expected"], json.dumps(result["tasks"], indent=1)
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attack_is_flagged_where_it_cheated(graded, name):
+    results, _, _ = graded
+    assert bool(flags_of(results[name])) == ATTACKS[name]["flags"], flags_of(results[name])
+
+
+def test_the_honest_neighbour_is_graded_as_usual(graded):
+    results, _, _ = graded
+    assert results["reference"]["points"] == 10 and not flags_of(results["reference"])
+
+
+def test_forgeries_are_caught_by_the_clean_re_run(graded):
+    results, _, _ = graded
+    for name in ("forge-grade", "seed-game"):  # passed in the notebook: refused by the clean re-run
+        k1 = next(t for t in results[name]["tasks"] if t["cell"] == "k1-hidden")
+        assert "not when re-run" in k1["message"] and k1.get("tampering"), (name, k1)
+    fake = next(t for t in results["fake-checks"]["tasks"] if t["cell"] == "k1-hidden")
+    assert "not when re-run" in fake["message"], fake
+    # The patched print rewrote the result line, but the failing check still raised in the cell.
+    assert results["forge-print"]["points"] == 0
+    assert any("interpreter" in f for f in flags_of(results["forge-print"]))
+
+
+def test_nothing_left_the_sandbox(graded):
+    results, _, traces = graded
+    assert not [t for t in traces if t.exists()], "a submission wrote outside its sandbox"
+    written = output_of(results["write-outside"], "k3-solution")
+    assert "BLOCKED" in written and "WROTE /tmp/inferlab-pwned" in written  # its own private /tmp only
+    assert "NETWORK: blocked" in output_of(results["network"], "k3-solution")
+    assert "GRADEBOOK FOUND: []" in output_of(results["gradebook"], "k3-solution")
+    assert "SEEDS FOUND: []" in output_of(results["env-snoop"], "k3-solution")
+
+
+def test_resource_attacks_are_contained(graded):
+    import os
+    import subprocess
+
+    results, _, _ = graded
+    forks = output_of(results["fork-bomb"], "k3-solution")
+    if os.geteuid() != 0:  # Linux exempts root from RLIMIT_NPROC, even in a user namespace
+        assert "FORK STOPPED" in forks, forks  # the sandbox's process limit held
+    leftover = subprocess.run(["pgrep", "-f", "ipykernel_launcher|grader.perf_worker"], capture_output=True,
+                              text=True).stdout.split()
+    assert not leftover, f"processes outlived their sandbox: {leftover}"
+    assert results["output-flood"]["output_truncated"]
+    bomb = next(t for t in results["memory-bomb"]["tasks"] if t["cell"] == "k3-hidden")
+    assert not bomb["passed"]
+    executed = notebook.read(results["memory-bomb"]["executed"])
+    assert any(o.get("ename") == "MemoryError" for o in notebook.cell(executed, "k3-solution").outputs)
