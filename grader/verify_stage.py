@@ -55,11 +55,15 @@ def replay_plan(executed, defining: tuple[str, ...]) -> tuple[list[str], list[tu
 
 
 def verify(lab: str, executed, backend: str, limits: Limits, defining: tuple[str, ...] = ("setup",),
-           workdir: Path | None = None, max_seconds: float = MAX_SECONDS) -> dict[str, dict]:
-    """Replay the submission in a clean worker; per hidden test grade_id: passed, message, tampered."""
+           workdir: Path | None = None, max_seconds: float = MAX_SECONDS, until: str | None = None) -> dict[str, dict]:
+    """Replay the submission in a clean worker (up to the hidden test `until`, if given); per hidden
+    test grade_id: passed, message, tampered."""
     start = time.monotonic()
     verdicts: dict[str, dict] = {}
     trusted, plan = replay_plan(executed, defining)
+    if until is not None:
+        plan = plan[:next((i + 1 for i, (kind, gid, _) in enumerate(plan) if kind == "hidden" and gid == until),
+                          len(plan))]
     stopped = ""
     with tempfile.TemporaryDirectory(prefix="inferlab-verify-", dir=workdir) as tmp:
         worker = None
@@ -105,7 +109,11 @@ def apply(lab: str, result: dict, executed, backend: str, limits: Limits, workdi
     if not any(t["passed"] for t in result["tasks"]):
         return result  # nothing to confirm: verification never adds points
     module = importlib.import_module(f"grader.labs.{lab}")
-    verdicts = verify(lab, executed, backend, limits, getattr(module, "DEFINING_CELLS", ("setup",)), workdir)
+    # Replay only as far as the last hidden test that passed in the notebook: the rest scores zero anyway,
+    # and replaying it could only repeat a hang or a crash.
+    last = max(i for i, t in enumerate(result["tasks"]) if t["passed"])
+    verdicts = verify(lab, executed, backend, limits, getattr(module, "DEFINING_CELLS", ("setup",)), workdir,
+                      until=result["tasks"][last]["cell"])
     for task in result["tasks"]:
         verdict = verdicts.get(task["cell"])
         if not task["passed"] or verdict is None:
