@@ -58,14 +58,13 @@ def fingerprint(sub: Submission, source: Path) -> str:
 
 def autograde(lab: str, submissions_dir: Path, out: Path, workers: int = 2, backend: str = "bwrap",
               limits: Limits = Limits(), seed: int | None = None, progress: bool = True,
-              force: bool = False, gradebook_path: Path | None = None,
-              results_dir: Path | None = None) -> list[Outcome]:
+              force: bool = False, results_dir: Path | None = None) -> list[Outcome]:
     """Grade every submission of `lab` under `submissions_dir`; write results, gradebook and feedback to `out`.
 
     Under `out`: `autograded/<student>/<lab>/<lab>.ipynb` and `feedback/<student>/<lab>/<lab>.html`
     (nbgrader's own layout, so `out` may be an nbgrader course root: formgrader then lists the
     submissions as autograded and `nbgrader release_feedback` hands the pages out),
-    `gradebook.db` unless `gradebook_path` says otherwise, and one result JSON per student
+    `gradebook.db`, and one result JSON per student
     in `results_dir` (default `out/results`).
     """
     from .feedback import write_feedback
@@ -95,8 +94,7 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int = 2, back
                      "workdir": str(out)})
     outcomes += run_jobs(jobs, workers, limits, progress)
     results = [json.loads(o.result_path.read_text()) for o in outcomes]
-    record(Path(gradebook_path).resolve() if gradebook_path else out / "gradebook.db", lab, notebook.read(source),
-           results)
+    record(out / "gradebook.db", lab, notebook.read(source), results)
     for r in results:
         write_feedback(out, lab, r)
     return sorted(outcomes, key=lambda o: o.student)
