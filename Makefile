@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench bench-grader train clean
+.PHONY: install demo test bench bench-grader bench-throughput train clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: install
 # The grader's perf check under load: reference must pass 20/20, 'slow' fail 20/20 (about 10 minutes).
 bench-grader: install
 	$(PY) bench/perf_robustness.py --runs 20 --out bench
+
+# Autograde throughput: submissions per minute against workers, local and Ray, and the sizing of a
+# class of 500 (about 15 minutes on 2 cores).
+bench-throughput: install
+	$(PY) bench/grading_throughput.py --out bench
 
 # Retrains the bundled models (78 min on 2 CPU cores here); checkpoints in .train-work/ make it resumable.
 train: install

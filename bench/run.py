@@ -73,7 +73,45 @@ def foundation(prompt_tokens: int = 32, new_tokens: int = 128) -> dict:
             "transformers": transformers.__version__}
 
 
-SECTIONS = {"foundation": foundation}
+def kv_cache_vs_hf(prompt_tokens: int = 128, new_tokens: int = 128, rounds: tuple[int, int] = (8, 25)) -> dict:
+    """The kv_cache lab's reference (`cached_generate` from the solution notebook) against Hugging Face
+    `generate` with its KV cache, batch 1, greedy, the same weights and prompt, interleaved."""
+    import transformers
+
+    from grader.labs.kv_cache import reference_namespace
+    from inferlab import load_model, load_tokenizer
+    from inferlab.bench import compare
+    from inferlab.loading import resolve_model_dir
+    from inferlab.workloads import prompts
+
+    cached_generate = reference_namespace()["cached_generate"]
+    model, tok = load_model("tiny"), load_tokenizer("tiny")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny"), dtype=torch.float32).eval()
+    prompt = prompts(tok, 1, seed=1, min_tokens=prompt_tokens, max_tokens=prompt_tokens)[0]
+    ids = torch.tensor([prompt])
+    outputs: dict[str, list[int]] = {}
+
+    def hf_generate():
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tok.eos_id)
+        outputs["hf"] = out[0, len(prompt):].tolist()
+
+    def reference():
+        outputs["reference"] = cached_generate(model, list(prompt), new_tokens)
+
+    result = compare({"hf_generate_cache": hf_generate, "kv_cache_reference": reference},
+                     baseline="hf_generate_cache", warmup=2, min_rounds=rounds[0], max_rounds=rounds[1], rel_ci=0.05)
+    return {"model": "tiny", "batch": 1, "prompt_tokens": len(prompt), "new_tokens": new_tokens,
+            "rounds": result.rounds, "stable": result.stable,
+            "greedy_tokens_identical": outputs["hf"] == outputs["reference"],
+            "tokens_per_s": {name: new_tokens / result.median_s(name) for name in result.times},
+            "reference_over_hf": result.speedup("kv_cache_reference"),
+            "ci95": [result.ratios["kv_cache_reference"]["ci_low"], result.ratios["kv_cache_reference"]["ci_high"]],
+            "transformers": transformers.__version__}
+
+
+SECTIONS = {"foundation": foundation, "kv_cache_vs_hf": kv_cache_vs_hf}
 
 
 def markdown(results: dict) -> str:
@@ -99,6 +137,23 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {impl} | {row['median_s']:.3f} | {row['tokens_per_s']:.1f} | "
                              f"{row['speedup_vs_naive']:.2f}x{ci} |")
             lines.append("")
+        if name == "grading_throughput":
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from grading_throughput import markdown as throughput_markdown
+
+            lines += throughput_markdown(section)
+        if name == "kv_cache_vs_hf":
+            s = section
+            tps = s["tokens_per_s"]
+            lines += [f"## kv_cache reference vs Hugging Face ({s['date']})", "",
+                      f"Batch-1 greedy decode of `{s['model']}`, {s['prompt_tokens']}-token prompt, {s['new_tokens']} "
+                      f"new tokens, {s['rounds']} interleaved rounds{'' if s['stable'] else ' (interval target not reached)'}; "
+                      f"identical tokens: {'yes' if s['greedy_tokens_identical'] else 'NO'}; transformers {s['transformers']}.", "",
+                      "| implementation | tokens/s |", "| --- | ---: |",
+                      f"| Hugging Face `generate`, KV cache on | {tps['hf_generate_cache']:.1f} |",
+                      f"| kv_cache lab reference (`cached_generate`) | {tps['kv_cache_reference']:.1f} |", "",
+                      f"The reference is **{s['reference_over_hf']:.2f}x** Hugging Face's speed "
+                      f"[95% CI {s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}].", ""]
         if name == "perf_robustness":
             s = section
             lines += [f"## perf_robustness ({s['date']})", "",

@@ -1,11 +1,17 @@
 """grader.autograde: grade a whole class, in parallel, resumably, into nbgrader's gradebook.
 
-    autograde("kv_cache", Path("submissions"), Path("grading-output"), workers=2, backend="bwrap")
+    autograde("kv_cache", Path("submissions"), Path("grading-output"), workers=2, sandbox="bwrap")
+    autograde("kv_cache", Path("submissions"), Path("grading-output"), backend="ray", ray_address="auto")
 
 The path of one submission: discover (`submissions.py`) -> a worker process
 (`grade_one.py`: prepare, sandboxed execute, score) -> a result JSON per learner -> the
 gradebook, written by this driver only -> feedback HTML (`feedback.py`). A result whose
 fingerprint (submission bytes, lab source, grader version) is unchanged is not regraded.
+
+Backends run the worker processes: `local` starts them on this machine, at most `workers` at
+a time; `ray` makes each submission a Ray task (`grader.ray_backend`), on this machine or a
+cluster, with the CPUs and GPUs the lab's profile asks for. Either way only this driver writes
+results, the gradebook and feedback.
 """
 
 from __future__ import annotations
@@ -56,9 +62,13 @@ def fingerprint(sub: Submission, source: Path) -> str:
     return h.hexdigest()
 
 
-def autograde(lab: str, submissions_dir: Path, out: Path, workers: int = 2, backend: str = "bwrap",
+BACKENDS = ("local", "ray")
+
+
+def autograde(lab: str, submissions_dir: Path, out: Path, workers: int | None = 2, sandbox: str = "bwrap",
               limits: Limits = Limits(), seed: int | None = None, progress: bool = True,
-              force: bool = False, results_dir: Path | None = None) -> list[Outcome]:
+              force: bool = False, results_dir: Path | None = None, backend: str = "local",
+              ray_address: str | None = None, due=None) -> list[Outcome]:
     """Grade every submission of `lab` under `submissions_dir`; write results, gradebook and feedback to `out`.
 
     Under `out`: `autograded/<student>/<lab>/<lab>.ipynb` and `feedback/<student>/<lab>/<lab>.html`
@@ -66,15 +76,32 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int = 2, back
     submissions as autograded and `nbgrader release_feedback` hands the pages out),
     `gradebook.db`, and one result JSON per student
     in `results_dir` (default `out/results`).
+
+    `due` (a datetime): the lab's due date, recorded in the gradebook; each result then says how
+    late it was. Time on task comes from the progress file next to each submission (grader.tracks).
+
+    `workers`: submissions graded at once (local: default 2; ray: default as many as the
+    cluster's resources allow). `sandbox`: how learner code is isolated (`grader.sandbox`).
     """
     from .feedback import write_feedback
     from .gradebook import record
 
     # Absolute paths: the sandboxed kernel starts in its own working directory, where relative ones break.
     out, submissions_dir = Path(out).resolve(), Path(submissions_dir).resolve()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} "
+                         "(the sandbox is chosen separately: sandbox='bwrap', 'docker' or 'none')")
+    if ray_address and backend != "ray":
+        raise ValueError("a Ray address was given but the backend is local: add --backend ray")
     source = source_path(lab)
     subs = discover(lab, submissions_dir)
-    if not limits.threads:  # share the cores: oversubscribed OpenMP threads slow everyone down many times over
+    if backend == "ray":
+        from .ray_backend import submission_resources
+
+        if not limits.threads:  # each task gets the CPUs it asks Ray for, and as many torch threads
+            limits = dataclasses.replace(limits, threads=submission_resources(lab, limits)["num_cpus"])
+    elif not limits.threads:  # share the cores: oversubscribed OpenMP threads slow everyone down many times over
+        workers = workers or 2
         limits = dataclasses.replace(limits, threads=max(1, (os.cpu_count() or 1) // workers))
     results_dir = Path(results_dir).resolve() if results_dir else out / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -88,16 +115,56 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int = 2, back
                 outcomes.append(Outcome(sub.student, "skipped", old["points"], old["max_points"], result_path))
                 continue
         jobs.append({"lab": lab, "student": sub.student, "submission": str(sub.path), "source": str(source),
-                     "fingerprint": fp, "timestamp": sub.timestamp, "backend": backend,
+                     "fingerprint": fp, "timestamp": sub.timestamp, "sandbox": sandbox,
                      "limits": dataclasses.asdict(limits), "seed": seed, "result": str(result_path),
                      "executed": str(out / "autograded" / sub.student / lab / f"{lab}.ipynb"),
                      "workdir": str(out)})
-    outcomes += run_jobs(jobs, workers, limits, progress)
-    results = [json.loads(o.result_path.read_text()) for o in outcomes]
-    record(out / "gradebook.db", lab, notebook.read(source), results)
+    if backend == "ray":
+        from .ray_backend import run_jobs_ray
+
+        outcomes += run_jobs_ray(jobs, lab, workers, limits, progress, ray_address)
+    else:
+        outcomes += run_jobs(jobs, workers or 2, limits, progress)
+    results = [_with_timing(o.result_path, subs, due) for o in outcomes]
+    record(out / "gradebook.db", lab, notebook.read(source), results, due=due)
     for r in results:
         write_feedback(out, lab, r)
     return sorted(outcomes, key=lambda o: o.student)
+
+
+def _with_timing(result_path: Path, subs: list[Submission], due) -> dict:
+    """The result with this run's time on task and lateness (the due date may have changed since)."""
+    from .tracks import timing_of
+
+    result = json.loads(result_path.read_text())
+    sub = next((s for s in subs if s.student == result["student"]), None)
+    timing = timing_of(sub.path, sub.timestamp, due) if sub else {}
+    if any(result.get(k) != v for k, v in timing.items()) or (due is None and "due" in result):
+        for key in ("due", "late_by_s", "time_on_task_s"):
+            result.pop(key, None)
+        result.update(timing)
+        tmp = result_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        tmp.replace(result_path)
+    return result
+
+
+def die_with_parent() -> None:
+    """In a worker process, before it starts: be killed when the process that started it dies, so a
+    killed driver or Ray worker leaves no orphaned grading behind (its sandbox dies with it in turn)."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 9)  # 9: SIGKILL
+    except (OSError, AttributeError):  # not Linux: orphans are then left to the hard limit
+        pass
+
+
+def hard_limit_s(limits: Limits) -> float:
+    """How long one grading worker may run: the notebook's own limit, plus kernel start, scoring,
+    writing, and a timed task's own stage."""
+    return limits.wall_s + 180 + TimedTask.max_seconds
 
 
 def run_jobs(jobs: list[dict], workers: int, limits: Limits, progress: bool) -> list[Outcome]:
@@ -109,7 +176,7 @@ def run_jobs(jobs: list[dict], workers: int, limits: Limits, progress: bool) -> 
     bar = tqdm(total=len(jobs), desc="grading", unit="submission", disable=not progress or not jobs)
     pending, running, done = list(jobs), {}, []
     # On top of the notebook's own limit: kernel start, scoring, writing, and a timed task's own stage.
-    hard_limit = limits.wall_s + 180 + TimedTask.max_seconds
+    hard_limit = hard_limit_s(limits)
     with tempfile.TemporaryDirectory(prefix="inferlab-jobs-") as tmp:
         while pending or running:
             while pending and len(running) < workers:
@@ -117,7 +184,8 @@ def run_jobs(jobs: list[dict], workers: int, limits: Limits, progress: bool) -> 
                 job_file = Path(tmp) / f"{job['student']}.json"
                 job_file.write_text(json.dumps(job))
                 proc = subprocess.Popen([sys.executable, "-m", "grader.grade_one", str(job_file)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                                        preexec_fn=die_with_parent)
                 running[proc] = (job, time.monotonic())
             time.sleep(0.2)
             for proc, (job, started) in list(running.items()):
@@ -134,15 +202,26 @@ def run_jobs(jobs: list[dict], workers: int, limits: Limits, progress: bool) -> 
     return done
 
 
-def _outcome(job: dict, returncode: int, stderr: str, overdue: bool) -> Outcome:
+def _outcome(job: dict, returncode: int, stderr: str, overdue: bool, reason: str = "") -> Outcome:
     path = Path(job["result"])
     fresh = path.is_file() and json.loads(path.read_text()).get("fingerprint") == job["fingerprint"]
     if returncode != 0 or not fresh:
-        reason = ("the grading worker ran past its hard time limit and was killed" if overdue else
-                  f"the grading worker exited with code {returncode} before writing a result")
+        reason = reason or ("the grading worker ran past its hard time limit and was killed" if overdue else
+                            f"the grading worker exited with {_exit(returncode)} before writing a result")
         path.write_text(json.dumps({"lab": job["lab"], "student": job["student"], "submission": job["submission"],
                                     "fingerprint": job["fingerprint"], "status": "grader-error",
                                     "error": f"{reason}; regrade with the same command. {stderr}".strip(),
                                     "tasks": [], "checks": [], "points": 0.0, "max_points": 0.0}, indent=1))
     result = json.loads(path.read_text())
     return Outcome(job["student"], result["status"], result["points"], result["max_points"], path)
+
+
+def _exit(returncode: int) -> str:
+    """'code 3', or 'signal SIGKILL (killed from outside, or by the out-of-memory killer)'."""
+    import signal
+
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else -returncode
+        extra = " (killed from outside, or by the out-of-memory killer)" if name == "SIGKILL" else ""
+        return f"signal {name}{extra}"
+    return f"code {returncode}"

@@ -177,23 +177,34 @@ def calibrate(lab: str, out: Path, profile: str | None) -> None:
               help="An nbgrader course root (as on the hub): grade COURSE/submitted into COURSE/autograded, "
                    "COURSE/feedback and COURSE/gradebook.db, which formgrader reads; results go to "
                    "COURSE/autograde-results/LAB. Replaces --out.")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Submissions graded at once [local: 2; ray: as many as the cluster's resources allow].")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: worker processes on this machine; ray: one Ray task per submission.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="With --backend ray: the cluster (`auto` on its head node, ray://HEAD:10001 from outside); "
+                   "default: start Ray on this machine, bound to 127.0.0.1.")
 @click.option("--sandbox", type=click.Choice(["bwrap", "docker", "none"]), default="bwrap", show_default=True,
               help="none isolates nothing: for trusted code only.")
 @click.option("--timeout", type=click.FloatRange(min=10), default=600, show_default=True,
               help="Wall-time limit per submission, in seconds.")
 @click.option("--memory-mb", type=click.IntRange(min=512), default=6144, show_default=True,
               help="Address-space limit of a submission's kernel.")
-@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per submission (docker).")
+@click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per submission (bwrap binds /dev/nvidia*; docker: --gpus).")
 @click.option("--force", is_flag=True, help="Regrade even submissions that are unchanged since the last run.")
-def autograde(lab: str, submissions: Path | None, out: Path, course: Path | None, workers: int, sandbox: str,
-              timeout: float, memory_mb: int, gpus: int, force: bool) -> None:
+@click.option("--due", default=None, metavar="TIME",
+              help="The lab's due date (2026-11-23T17:00, local time unless a zone is given); default with --course: "
+                   "the course's track start (`inferlab track start TRACK --course DIR`) plus the lab's due offset.")
+def autograde(lab: str, submissions: Path | None, out: Path, course: Path | None, workers: int | None,
+              backend: str, ray_address: str | None, sandbox: str, timeout: float, memory_mb: int, gpus: int,
+              force: bool, due: str | None) -> None:
     """Grade every submission of LAB in a sandbox, in parallel; scores go to nbgrader's gradebook.
 
     \b
     Examples:
       inferlab autograde kv_cache --submissions course/submitted --workers 2 --out grading-output
       inferlab autograde kv_cache --course .    # on the hub, in the course directory
+      inferlab autograde kv_cache --course /srv/course --backend ray --ray-address auto   # on a Ray cluster
     """
     need_extra("nbgrader", "lab")
     from .autograde import autograde as run_autograde
@@ -216,9 +227,16 @@ def autograde(lab: str, submissions: Path | None, out: Path, course: Path | None
     try:
         source_path(lab)
         discover(lab, submissions)
-        outcomes = run_autograde(lab, submissions, target, workers=workers, backend=sandbox,
+        if ray_address and backend != "ray":
+            raise ValueError("--ray-address needs --backend ray")
+        from .tracks import due_date, parse_time
+
+        due_at = parse_time(due) if due else due_date(course, lab)
+        if backend == "ray":
+            need_extra("ray", "cluster")
+        outcomes = run_autograde(lab, submissions, target, workers=workers, sandbox=sandbox,
                                  limits=Limits(wall_s=timeout, memory_mb=memory_mb, gpus=gpus), force=force,
-                                 results_dir=results_dir)
+                                 results_dir=results_dir, backend=backend, ray_address=ray_address, due=due_at)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise click.ClickException(str(err)) from None
     width = max(len(o.student) for o in outcomes)
@@ -235,21 +253,25 @@ def autograde(lab: str, submissions: Path | None, out: Path, course: Path | None
 
 @main.command()
 @click.option("--results", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="A lab's autograde output folder (the one holding results/).")
+              help="A lab's autograde output folder (the one holding results/); with --track, the folder holding "
+                   "one such folder per lab.")
+@click.option("--track", "track_name", default=None, help="Report a whole track: its labs side by side, in order.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("report"), show_default=True)
-def report(results: Path, out: Path) -> None:
+def report(results: Path, track_name: str | None, out: Path) -> None:
     """Write the instructor report (report.html) and an LMS-ready grades.csv.
 
     \b
-    Example:
+    Examples:
       inferlab report --results grading-output/kv_cache --out report
+      inferlab report --results grading-output --track quick --out report-quick
     """
     need_extra("matplotlib", "lab")
-    from .report import write_report
+    from .report import write_report, write_track_report
+    from .tracks import TrackError
 
     try:
-        page, grades = write_report(results, out)
-    except FileNotFoundError as err:
+        page, grades = write_track_report(results, track_name, out) if track_name else write_report(results, out)
+    except (FileNotFoundError, TrackError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"wrote {page} and {grades}")
 
@@ -290,6 +312,80 @@ def demo(lab: str, out: Path, workers: int, timeout: float) -> None:
     wrong = [r.sample for r in rows if not r.agrees]
     if wrong:
         raise click.ClickException(f"not graded as expected: {', '.join(wrong)}; see {out / 'grading' / lab}/results")
+
+
+@main.group()
+def track() -> None:
+    """Timed tracks (quick, deep, production): start one, see the time left and your self-checks.
+
+    \b
+    Examples:
+      inferlab track list
+      inferlab track start quick                  # a learner, self-paced
+      inferlab track status
+      inferlab track start quick --course . --at 2026-11-23T13:00   # an instructor: the class's due dates
+    """
+
+
+@track.command("list")
+def track_list() -> None:
+    """The tracks, with their labs, time budgets and due offsets."""
+    from .tracks import format_duration, load_tracks
+
+    for t in load_tracks().values():
+        click.echo(f"{t.name}: {t.title} ({format_duration(t.budget)})")
+        for entry in t.labs:
+            click.echo(f"  {entry.lab:<22} {entry.minutes:>4} min   due {format_duration(entry.due)} after the start")
+
+
+@track.command("start")
+@click.argument("name")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for track.json [default: $INFERLAB_HOME or ~/.inferlab].")
+@click.option("--course", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="An nbgrader course root: start the track for the whole class (writes COURSE/inferlab-track.json; "
+                   "autograde --course then records due dates and lateness).")
+@click.option("--at", "at", default=None, metavar="TIME", help="When it starts [default: now], e.g. 2026-11-23T13:00.")
+@click.option("--restart", is_flag=True, help="Start again; the previous record is kept next to the new one.")
+def track_start(name: str, out: Path | None, course: Path | None, at: str | None, restart: bool) -> None:
+    """Start track NAME now (or --at a time) and show its labs' due times.
+
+    \b
+    Examples:
+      inferlab track start quick
+      inferlab track start quick --course /srv/inferlab/course --at 2026-11-23T13:00
+    """
+    from .tracks import TrackError, parse_time, start, status_rows
+
+    if course is not None and not (course / "nbgrader_config.py").is_file():
+        raise click.ClickException(f"{course} is not an nbgrader course (no nbgrader_config.py): pass the course root")
+    try:
+        path = start(name, parse_time(at) if at else None, course or out, restart=restart, course=course is not None)
+        click.echo(f"wrote {path}")
+        if course is None:
+            head, rows = status_rows(out)
+            click.echo(head)
+            for row in rows:
+                click.echo(f"  {row[0]:<22} {row[1]:>8}  due {row[2]}")
+    except TrackError as err:
+        raise click.ClickException(str(err)) from None
+
+
+@track.command("status")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The folder track start wrote to [default: $INFERLAB_HOME or ~/.inferlab].")
+def track_status(out: Path | None) -> None:
+    """The started track's labs: budget, due time, time left and self-check results."""
+    from .tracks import TrackError, status_rows
+
+    try:
+        head, rows = status_rows(out)
+    except TrackError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(head)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  " + "  ".join(v.ljust(w) for v, w in zip(row[:4], widths)) + "  " + row[4])
 
 
 @main.command("hub-account")

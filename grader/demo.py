@@ -33,18 +33,18 @@ class Row:
 
 
 def run_demo(out: Path, lab: str = "kv_cache", workers: int = 2, timeout_s: float = 150.0,
-             backend: str | None = None, progress: bool = True) -> tuple[list[Row], Path, Path]:
+             sandbox: str | None = None, progress: bool = True) -> tuple[list[Row], Path, Path]:
     """Grade the bundled samples of `lab` into `out`; returns one row per sample and the report paths.
 
     A re-run regrades nothing that is unchanged (autograde's resume).
     """
     import json
 
-    backend = backend or ("bwrap" if shutil.which("bwrap") else "none")
+    sandbox = sandbox or ("bwrap" if shutil.which("bwrap") else "none")
     definitions = samples.definitions(lab)
     samples.build(lab, out / "submissions")
     grading = out / "grading" / lab
-    outcomes = autograde(lab, out / "submissions", grading, workers=workers, backend=backend,
+    outcomes = autograde(lab, out / "submissions", grading, workers=workers, sandbox=sandbox,
                          limits=Limits(wall_s=timeout_s), progress=progress)
     page, grades = write_report(grading, out)
     rows = []

@@ -37,19 +37,19 @@ def grade_one(job: dict) -> dict:
         result.update(status="rejected", error=str(err))
         return result
     nb, seeds = prepare(source, submitted, job.get("seed"))
-    run = execute(nb, job["backend"], Limits(**job["limits"]), Path(job["workdir"]))
+    run = execute(nb, job["sandbox"], Limits(**job["limits"]), Path(job["workdir"]))
     scored = score(run.notebook)
     result.update(
         points=scored.points, tasks=[asdict(t) for t in scored.tasks], checks=[asdict(c) for c in scored.checks],
         seeds=seeds, timed_out=run.timed_out, kernel_died=run.kernel_died, output_truncated=run.output_truncated,
         error=run.error, kernel_log=run.kernel_log if run.error else "")
     # The hidden tests again, in a clean process the learner's code cannot fool (grader.verify_stage).
-    verify_stage.apply(lab, result, run.notebook, job["backend"], Limits(**job["limits"]), Path(job["workdir"]))
+    verify_stage.apply(lab, result, run.notebook, job["sandbox"], Limits(**job["limits"]), Path(job["workdir"]))
     # A timed task is measured after the notebook, in separate processes (see grader.perf_stage).
     spec = getattr(importlib.import_module(f"grader.labs.{lab}"), "TIMED", None)
     if spec is not None:
         seed = seeds.get(spec.gate, secrets.randbelow(2**31))
-        perf_stage.apply(lab, result, run.notebook, source, job["backend"], Limits(**job["limits"]), seed,
+        perf_stage.apply(lab, result, run.notebook, source, job["sandbox"], Limits(**job["limits"]), seed,
                          Path(job["workdir"]))
     executed_path = Path(job["executed"])
     executed_path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ class Limits:
     wall_s: float = 600.0
     output_bytes: int = 2_000_000
     file_mb: int = 256  # largest file the kernel may write
+    tmp_mb: int = 512  # the sandbox's whole writable disk (a RAM-backed tmpfs): filling it fails writes, not the host
     open_files: int = 1024
     cpu_s: int = 1800
     threads: int = 0  # torch/OpenMP threads per kernel; 0: the machine's cores divided among the workers
@@ -89,7 +90,7 @@ def bwrap_command(inner: list[str], sockets: Path, limits: Limits) -> list[str]:
     cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-all", "--uid", "1000", "--gid", "1000",
            "--hostname", "sandbox", "--clearenv"]
     # /tmp first: a tmpfs mounted later would hide any bind below it (a checkout under /tmp, say).
-    cmd += ["--tmpfs", "/tmp"]
+    cmd += ["--size", str(limits.tmp_mb * 2**20), "--tmpfs", "/tmp"]
     for system in ("/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/etc/alternatives", "/etc/ssl", "/etc/fonts",
                    "/etc/ld.so.cache", "/etc/localtime"):
         if os.path.exists(system):
@@ -109,7 +110,7 @@ def bwrap_command(inner: list[str], sockets: Path, limits: Limits) -> list[str]:
 
 
 def docker_command(inner: list[str], sockets: Path, limits: Limits, image: str) -> list[str]:
-    cmd = ["docker", "run", "--rm", "-i", "--network", "none", "--read-only", "--tmpfs", "/tmp:rw,size=512m",
+    cmd = ["docker", "run", "--rm", "-i", "--network", "none", "--read-only", "--tmpfs", f"/tmp:rw,size={limits.tmp_mb}m",
            "--memory", f"{limits.memory_mb}m", "--pids-limit", str(limits.processes), "--cap-drop", "ALL",
            "--security-opt", "no-new-privileges", "--user", "1000:1000", "--cpus", str(limits.threads or os.cpu_count() or 1),
            "-v", f"{sockets}:{sockets}", "-w", "/tmp"]

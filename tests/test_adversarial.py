@@ -37,7 +37,7 @@ def graded(tmp_path_factory):
     samples.build(LAB, root / "submitted", kind="attacks")
     samples.build(LAB, root / "submitted", ["reference"])  # an honest neighbour in the same batch
     start = time.perf_counter()
-    outcomes = autograde(LAB, root / "submitted", root / "out", workers=2, backend="bwrap",
+    outcomes = autograde(LAB, root / "submitted", root / "out", workers=2, sandbox="bwrap",
                          limits=Limits(wall_s=150), progress=False)
     seconds = time.perf_counter() - start
     results = {o.student: json.loads(o.result_path.read_text()) for o in outcomes}

@@ -35,7 +35,7 @@ def graded(tmp_path_factory):
     """The sample class, graded the way `make demo` grades it (flat layout, 2 workers, bubblewrap)."""
     root = tmp_path_factory.mktemp("demo")
     start = time.perf_counter()
-    rows, page, grades = run_demo(root, LAB, workers=2, timeout_s=LIMITS.wall_s, backend="bwrap", progress=False)
+    rows, page, grades = run_demo(root, LAB, workers=2, timeout_s=LIMITS.wall_s, sandbox="bwrap", progress=False)
     seconds = time.perf_counter() - start
     results = {p.stem: json.loads(p.read_text()) for p in (root / "grading" / LAB / "results").glob("*.json")}
     return root / "grading" / LAB, results, seconds, rows
@@ -54,7 +54,7 @@ def nbgrader_layout(tmp_path_factory):
     (subs / "empty" / LAB).mkdir(parents=True)
     (subs / "empty" / LAB / f"{LAB}.ipynb").write_text(json.dumps(
         {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
-    outcomes = autograde(LAB, root, root / "out", workers=2, backend="bwrap", limits=LIMITS, progress=False)
+    outcomes = autograde(LAB, root, root / "out", workers=2, sandbox="bwrap", limits=LIMITS, progress=False)
     return root, {o.student: json.loads(o.result_path.read_text()) for o in outcomes}
 
 
@@ -133,7 +133,7 @@ def test_report_and_grades_csv(graded, tmp_path):
 def test_rerun_skips_unchanged_submissions(nbgrader_layout):
     root, _ = nbgrader_layout
     start = time.perf_counter()
-    outcomes = autograde(LAB, root, root / "out", workers=2, backend="bwrap", limits=LIMITS, progress=False)
+    outcomes = autograde(LAB, root, root / "out", workers=2, sandbox="bwrap", limits=LIMITS, progress=False)
     assert outcomes and all(o.status == "skipped" for o in outcomes)
     assert time.perf_counter() - start < 60
 

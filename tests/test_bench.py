@@ -65,3 +65,26 @@ def test_foundation_benchmark_runs_and_agrees_with_transformers():
     assert set(section["decode"]["contenders"]) == {"naive_generate", "hf_generate_no_cache", "hf_generate_cache"}
     table = bench_run.markdown({"foundation": section})
     assert "| hf_generate_cache |" in table and "GB/s" in table
+
+
+def load_bench_run():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    spec = importlib.util.spec_from_file_location("bench_run", path)
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+    return bench_run
+
+
+def test_kv_cache_reference_vs_hf_benchmark_runs_on_identical_tokens():
+    """A short run of `make bench`'s kv_cache_vs_hf section: the lab's reference and Hugging Face agree."""
+    pytest.importorskip("transformers")
+    bench_run = load_bench_run()
+    section = bench_run.kv_cache_vs_hf(prompt_tokens=16, new_tokens=8, rounds=(3, 3))
+    section.update(machine=bench_run.machine(), date="today")
+    assert section["greedy_tokens_identical"]
+    assert section["reference_over_hf"] > 0 and section["ci95"][0] <= section["reference_over_hf"] <= section["ci95"][1]
+    table = bench_run.markdown({"kv_cache_vs_hf": section})
+    assert "kv_cache lab reference" in table and "Hugging Face's speed" in table

@@ -686,11 +686,43 @@ def test_grading_job_is_indexed_sharded_and_locked_down():
     assert pod["automountServiceAccountToken"] is False
     course = next(m for m in container["volumeMounts"] if m["name"] == "course")
     assert course["readOnly"] is True and args[args.index("--submissions") + 1].startswith(course["mountPath"])
-    (policy,) = [d for d in manifests() if d["kind"] == "NetworkPolicy"]
+    (policy,) = [d for d in manifests() if d["kind"] == "NetworkPolicy"
+                 and d["metadata"]["name"] == "inferlab-grader-no-network"]
     labels = spec["template"]["metadata"]["labels"]
     assert all(labels.get(k) == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     assert "ingress" not in policy["spec"] and "egress" not in policy["spec"]  # deny all
+
+
+def test_ray_cluster_runs_the_driver_on_the_head_and_sandboxes_on_workers():
+    (cluster,) = [d for d in manifests() if d["kind"] == "RayCluster"]
+    assert cluster["apiVersion"] == "ray.io/v1"
+    pinned = re.search(r'"ray==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert cluster["spec"]["rayVersion"] == pinned, "the RayCluster's rayVersion must be the ray the images install"
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no grading task on the head
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert [m["mountPath"] for m in head_container["volumeMounts"] if m["name"] == "course"] == ["/srv/inferlab/course"]
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    assert set(groups) == {"cpu-graders", "gpu-graders"}
+    for group in groups.values():
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        assert pod["hostUsers"] is False and container["securityContext"]["procMount"] == "Unmasked"  # bubblewrap
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert all(v["name"] != "course" for v in pod["volumes"]), "only the driver (head) may see the course"
+        assert re.search(r":\d+\.\d+\.\d+$", container["image"])
+    gpu = groups["gpu-graders"]
+    assert gpu["rayStartParams"]["num-gpus"] == "1"
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    (policy,) = [d for d in manifests() if d["kind"] == "NetworkPolicy"
+                 and d["metadata"]["name"] == "inferlab-ray-grading-internal-only"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/cluster": "inferlab-grading"}
+    peers = [peer for rule in policy["spec"]["ingress"] + policy["spec"]["egress"] for peer in rule["to" if "to" in rule else "from"]]
+    assert all("ipBlock" not in peer for peer in peers), "the grading cluster must not reach outside the cluster"
+    readme = (K8S / "README.md").read_text()
+    assert "--backend ray --ray-address auto" in readme
 
 
 # Keys the chart's values.schema.yaml (z2jh 4.x) accepts at the levels these values use: helm
