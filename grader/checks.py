@@ -100,7 +100,20 @@ def self_check(task: str, check: Callable[..., dict[str, Any] | None], *args: An
     """For notebooks: run a check on public inputs, print one line, never stop the notebook."""
     result = run_check(task, check, *args, **kwargs)
     print(result.line())
+    _remember(task, check, result)
     return result
+
+
+def _remember(task: str, check: Callable[..., Any], result: CheckResult) -> None:
+    """Note the outcome for `inferlab track status` (not under the autograder, where nobody reads it)."""
+    import os
+
+    module = getattr(check, "__module__", "") or ""
+    if os.environ.get("INFERLAB_AUTOGRADE") or not module.startswith("grader.labs."):
+        return
+    from .tracks import record_check
+
+    record_check(module.rsplit(".", 1)[1], task, result.status)
 
 
 def grade(task: str, check: Callable[..., dict[str, Any] | None], *args: Any, **kwargs: Any) -> CheckResult:

@@ -17,7 +17,9 @@ from sqlalchemy.exc import SAWarning
 from . import notebook
 
 
-def record(db_path: Path, lab: str, source, results: list[dict]) -> None:
+def record(db_path: Path, lab: str, source, results: list[dict], due=None) -> None:
+    """Write the lab's cells and every result's scores; `due` (a datetime) becomes the assignment's due
+    date, from which nbgrader's formgrader and its late-submission handling compute lateness."""
     # nbgrader migrates a new database by running `alembic`, which lives next to this Python.
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
@@ -25,7 +27,12 @@ def record(db_path: Path, lab: str, source, results: list[dict]) -> None:
     with warnings.catch_warnings(), Gradebook(f"sqlite:///{db_path}") as gb:
         # nbgrader's own session use trips SQLAlchemy's autoflush warnings; they say nothing about our data.
         warnings.simplefilter("ignore", SAWarning)
-        gb.update_or_create_assignment(lab)
+        if due is not None:  # nbgrader keeps naive UTC times
+            import datetime as dt
+
+            gb.update_or_create_assignment(lab, duedate=due.astimezone(dt.timezone.utc).replace(tzinfo=None))
+        else:
+            gb.update_or_create_assignment(lab)
         gb.update_or_create_notebook(lab, lab)
         for c in source.cells:
             meta = c.metadata.get("nbgrader", {})

@@ -124,6 +124,8 @@ def build(results: list[dict]) -> tuple[str, list[dict]]:
     sections += ["<h2>Flagged by anti-cheat checks</h2>",
                  _table(["student", "flags"], flagged) if flagged else "<p>No submission was flagged.</p>"]
 
+    sections += time_on_task_section(lab, results)
+
     grades = [{"Student": r["student"], "ID": r["student"], "SIS User ID": r["student"], "SIS Login ID": r["student"],
                "Section": "", lab: f"{r['points']:g}"} for r in sorted(results, key=lambda r: r["student"])]
     sections += ["<h2>Grades</h2>", _table(["student", "status", "score"] + tasks,
@@ -138,9 +140,125 @@ def build(results: list[dict]) -> tuple[str, list[dict]]:
     return page, grades
 
 
-def write_report(results_dir: Path, out: Path) -> tuple[Path, Path]:
-    results = load_results(results_dir)
-    page, grades = build(results)
+def lab_budget(lab: str) -> int | None:
+    """The lab's time budget in minutes (the first track that has it), or None."""
+    from .tracks import TrackError, load_tracks
+
+    try:
+        return next((e.minutes for t in load_tracks().values() for e in t.labs if e.lab == lab), None)
+    except TrackError:
+        return None
+
+
+def time_on_task_section(lab: str, results: list[dict]) -> list[str]:
+    """Time on task against the lab's budget, and lateness against its due date, when known."""
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in results if r.get("time_on_task_s") is not None]
+    late = [r for r in results if r.get("late_by_s")]
+    if not timed and not any("due" in r for r in results):
+        return ["<h2>Time on task</h2><p>Not recorded: no submission carried an inferlab-progress.json "
+                "(a track's time-left cell writes it) and no due date was given.</p>"]
+    out = ["<h2>Time on task and lateness</h2>"]
+    budget = lab_budget(lab)
+    if timed:
+        minutes = [r["time_on_task_s"] / 60 for r in timed]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.hist(minutes, bins=12, color="#b58a4a")
+        if budget:
+            ax.axvline(budget, color="red", label=f"budget {budget} min")
+            ax.legend()
+        ax.set(xlabel="minutes from opening the lab to submitting", ylabel="submissions", title="Time on task")
+        out.append(_png(fig))
+    due = next((r["due"] for r in results if r.get("due")), None)
+    out.append(f"<p>{len(timed)} of {len(results)} submissions say when the lab was opened"
+               + (f"; budget {budget} min" if budget else "") + (f"; due {html.escape(due)}" if due else "")
+               + f"; {len(late)} submitted late.</p>")
+    rows = [[r["student"], f"{r['time_on_task_s'] / 60:.0f}" if r.get("time_on_task_s") is not None else "-",
+             f"{r['late_by_s'] / 60:.0f}" if r.get("late_by_s") else ("0" if "late_by_s" in r else "-")]
+            for r in sorted(results, key=lambda r: r["student"])]
+    out.append(_table(["student", "minutes on task", "minutes late"], rows))
+    return out
+
+
+def build_track(track_name: str, by_lab: dict[str, list[dict]]) -> tuple[str, list[dict]]:
+    """The per-track view: every lab of the track in order, side by side, and one grades row per learner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .tracks import get_track
+
+    track = get_track(track_name)
+    labs = [e for e in track.labs if e.lab in by_lab]
+    students = sorted({r["student"] for rs in by_lab.values() for r in rs})
+    rows = []
+    for entry in labs:
+        rs = by_lab[entry.lab]
+        graded = [r for r in rs if r["status"] == "graded"]
+        timed = sorted(r["time_on_task_s"] / 60 for r in rs if r.get("time_on_task_s") is not None)
+        full = sum(r["points"] == r["max_points"] and r["max_points"] > 0 for r in graded)
+        mean = sum(r["points"] / r["max_points"] for r in graded if r["max_points"]) / len(graded) if graded else 0
+        rows.append([entry.lab, entry.minutes, len(rs), len(graded), f"{100 * mean:.0f}%", f"{full}",
+                     f"{timed[len(timed) // 2]:.0f}" if timed else "-", sum(bool(r.get("late_by_s")) for r in rs)])
+    sections = [f"<h1>inferlab report: track {html.escape(track.name)}</h1>",
+                f"<p>{html.escape(track.title)}. {len(students)} learners; labs in track order, with the time "
+                "budget each learner was given.</p>",
+                _table(["lab", "budget min", "submissions", "graded", "mean score", "full marks",
+                        "median min on task", "late"], rows)]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar([r[0] for r in rows], [float(r[4].rstrip("%")) for r in rows], color="#4a7ab5")
+    ax.set(ylabel="mean score (%)", ylim=(0, 100), title=f"Track {track.name}: mean score per lab")
+    sections.append(_png(fig))
+    timed = {e.lab: [r["time_on_task_s"] / 60 for r in by_lab[e.lab] if r.get("time_on_task_s") is not None]
+             for e in labs}
+    if any(timed.values()):
+        fig, ax = plt.subplots(figsize=(7, 3))
+        for i, entry in enumerate(labs):
+            ax.scatter([i] * len(timed[entry.lab]), timed[entry.lab], alpha=0.7, color="#b58a4a")
+            ax.hlines(entry.minutes, i - 0.3, i + 0.3, colors="red", label="budget" if i == 0 else None)
+        ax.set_xticks(range(len(labs)), [e.lab for e in labs])
+        ax.set(ylabel="minutes on task", title="Time on task against each lab's budget")
+        ax.legend()
+        sections.append(_png(fig))
+    else:
+        sections.append("<p>No time on task recorded (no submission carried an inferlab-progress.json).</p>")
+    by_student = {s: {} for s in students}
+    for entry in labs:
+        for r in by_lab[entry.lab]:
+            by_student[r["student"]][entry.lab] = r
+    table = [[s] + [(f"{r['points']:g}/{r['max_points']:g}" + (" late" if r.get("late_by_s") else "")
+                     if (r := by_student[s].get(e.lab)) else "-") for e in labs] for s in students]
+    sections += ["<h2>Learners</h2>", _table(["student"] + [e.lab for e in labs], table)]
+    grades = [{"Student": s, "ID": s, "SIS User ID": s, "SIS Login ID": s, "Section": "",
+               **{e.lab: (f"{by_student[s][e.lab]['points']:g}" if e.lab in by_student[s] else "") for e in labs}}
+              for s in students]
+    style = ("<style>body{font-family:sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse;"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}</style>")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>inferlab report: track {html.escape(track.name)}"
+            f"</title>{style}</head><body>{''.join(sections)}</body></html>")
+    return page, grades
+
+
+def write_track_report(grading_root: Path, track_name: str, out: Path) -> tuple[Path, Path]:
+    """`grading_root/<lab>/results` for each lab of the track that was graded -> out/report.html, grades.csv."""
+    from .tracks import get_track
+
+    track = get_track(track_name)
+    by_lab = {}
+    for entry in track.labs:
+        folder = Path(grading_root) / entry.lab
+        if (folder / "results").is_dir() and any((folder / "results").glob("*.json")):
+            by_lab[entry.lab] = load_results(folder)
+    if not by_lab:
+        raise FileNotFoundError(f"no graded lab of track {track_name!r} under {grading_root}: expected "
+                                f"{grading_root}/<lab>/results/ for one of {', '.join(e.lab for e in track.labs)}")
+    page, grades = build_track(track_name, by_lab)
+    return _write(out, page, grades)
+
+
+def _write(out: Path, page: str, grades: list[dict]) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.html").write_text(page)
     with open(out / "grades.csv", "w", newline="") as f:
@@ -148,3 +266,9 @@ def write_report(results_dir: Path, out: Path) -> tuple[Path, Path]:
         writer.writeheader()
         writer.writerows(grades)
     return out / "report.html", out / "grades.csv"
+
+
+def write_report(results_dir: Path, out: Path) -> tuple[Path, Path]:
+    results = load_results(results_dir)
+    page, grades = build(results)
+    return _write(out, page, grades)

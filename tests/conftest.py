@@ -34,3 +34,19 @@ def tiny_tokenizer():
     from inferlab import load_tokenizer
 
     return load_tokenizer("tiny")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_inferlab_home(tmp_path_factory):
+    """Track starts and self-check records go to a temporary folder, never the developer's ~/.inferlab
+    (kernels started by the tests inherit this environment)."""
+    import os
+
+    home = tmp_path_factory.mktemp("inferlab-home")
+    old = os.environ.get("INFERLAB_HOME")
+    os.environ["INFERLAB_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("INFERLAB_HOME", None)
+    else:
+        os.environ["INFERLAB_HOME"] = old
