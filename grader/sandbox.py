@@ -56,12 +56,14 @@ class Limits:
 
 def python_roots() -> list[Path]:
     """Folders the kernel's Python needs, read-only: the interpreter, the venv, and editable packages."""
-    roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sysconfig.get_paths()["stdlib"]).parent}
-    import grader
-    import inferlab
+    import importlib.util
 
-    roots.add(Path(inferlab.__file__).resolve().parent)  # labs/inferlab (editable install) or site-packages
-    roots.add(Path(grader.__file__).resolve().parent)
+    roots = {Path(sys.prefix), Path(sys.base_prefix), Path(sysconfig.get_paths()["stdlib"]).parent}
+    for package in ("inferlab", "grader"):  # located, not imported: importing inferlab would load torch here
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise RuntimeError(f"the {package} package is not installed in this Python: pip install -e .")
+        roots.add(Path(spec.origin).resolve().parent)  # labs/inferlab (editable install) or site-packages
     for p in site.getsitepackages():
         roots.add(Path(p))
     real = {r.resolve() for r in roots if r.exists()}
