@@ -44,7 +44,9 @@ def exec_cells(nb, cell_ids: list[str], namespace: dict[str, Any] | None = None)
     namespace.setdefault("__name__", "__notebook__")
     for cell_id in cell_ids:
         c = cell(nb, cell_id)
-        exec(compile(c.source, f"<cell {cell_id}>", "exec"), namespace)
+        # dont_inherit: this module's `from __future__ import annotations` must not leak into the cells, as a
+        # kernel would not have it (a @dataclass in a cell breaks under it)
+        exec(compile(c.source, f"<cell {cell_id}>", "exec", dont_inherit=True), namespace)
     return namespace
 
 

@@ -113,3 +113,4 @@ class TimedTask:
     rounds: tuple[int, int] = (5, 15)  # min, max timed rounds after one warm-up round
     rel_ci: float = 0.1  # stop once the 95% interval of every median ratio is within +-10%
     max_seconds: float = 150.0  # for the whole stage, start-up included
+    slack_s: float = 5.0  # no new round starts later than this before the deadline: at least one round's time

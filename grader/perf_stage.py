@@ -141,6 +141,9 @@ def time_submission(lab: str, prepared, source, backend: str, limits: Limits, se
     start = time.monotonic()
     deadline = start + spec.max_seconds
     prompts = module.perf_prompts(seed, 1 + spec.rounds[1])
+    # Timed results must equal the baseline's; a lab may accept a result that differs only where it
+    # can show it is still right (continuous_batching: a near tie that another batch shape tipped).
+    outputs_agree = getattr(module, "timed_outputs_agree", lambda inputs, got, want: False)
     tokens: dict[str, list[list[int]]] = {"baseline": [], "reference": [], "candidate": []}
     tampered: set[str] = set()
     workers: list[Worker] = []
@@ -167,7 +170,8 @@ def time_submission(lab: str, prepared, source, backend: str, limits: Limits, se
                     # Speed counts only for correct results, checked call by call: code that is right
                     # while tested but cuts corners while timed fails here.
                     if len(tokens["candidate"]) > i and len(tokens["baseline"]) > i \
-                            and tokens["candidate"][i] != tokens["baseline"][i]:
+                            and tokens["candidate"][i] != tokens["baseline"][i] \
+                            and not outputs_agree(prompts[i], tokens["candidate"][i], tokens["baseline"][i]):
                         raise CheckFailed(f"while being timed, your code returned tokens that differ from the "
                                           f"baseline's for prompt {i + 1} (first 5: {tokens['candidate'][i][:5]}, "
                                           f"expected {tokens['baseline'][i][:5]}): timing counts only for correct "
@@ -180,7 +184,7 @@ def time_submission(lab: str, prepared, source, backend: str, limits: Limits, se
                                   "candidate": contender(learner, "candidate")},
                                  baseline="baseline", warmup=1, min_rounds=spec.rounds[0], max_rounds=spec.rounds[1],
                                  rel_ci=spec.rel_ci, seed=seed,
-                                 max_seconds=max(1.0, deadline - time.monotonic() - 5.0))
+                                 max_seconds=max(1.0, deadline - time.monotonic() - spec.slack_s))
             except WorkerFailed as err:
                 raise CheckFailed(f"your code failed while being timed: {err}") from None
     except CheckFailed as err:
