@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Autogrades the kv_cache lab's 8 bundled samples (about 5 minutes on 2 cores; a re-run skips graded ones),
-# writes demo-output/report.html and grades.csv, and prints awarded against expected points.
+# Autogrades the quick track's bundled sample class (six learners x four labs, about 8 minutes on 2 cores;
+# a re-run skips graded ones), writes demo-output/report.html (the track), reports/<lab>/ and grades.csv,
+# and prints awarded against expected points.
 demo: install
 	$(VENV)/bin/inferlab demo --out demo-output
 

@@ -111,7 +111,58 @@ def kv_cache_vs_hf(prompt_tokens: int = 128, new_tokens: int = 128, rounds: tupl
             "transformers": transformers.__version__}
 
 
-SECTIONS = {"foundation": foundation, "kv_cache_vs_hf": kv_cache_vs_hf}
+def continuous_batching_vs_hf(seed: int = 1, rounds: tuple[int, int] = (5, 15)) -> dict:
+    """The continuous_batching lab's reference scheduler (`ContinuousBatcher` from the solution notebook) against
+    Hugging Face batched `generate` (static batching: batches of the same size, each run to its longest request,
+    left-padded), on the same mixed-length trace and weights, greedy, interleaved. Throughput counts the tokens the
+    requests asked for."""
+    import transformers
+
+    from grader.labs import continuous_batching as lab
+    from inferlab import load_model, load_tokenizer
+    from inferlab.bench import compare
+    from inferlab.loading import resolve_model_dir
+
+    batcher_cls = lab.reference_namespace()["ContinuousBatcher"]
+    model, tok = load_model("tiny"), load_tokenizer("tiny")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny"), dtype=torch.float32).eval()
+    requests = lab.perf_trace(seed)  # [max_new_tokens, *prompt] each
+    batch = lab.PERF_MAX_BATCH
+    outputs: dict[str, list[list[int]]] = {}
+
+    def hf_static():
+        out = []
+        for i in range(0, len(requests), batch):
+            chunk = requests[i:i + batch]
+            width, longest = max(len(r) - 1 for r in chunk), max(r[0] for r in chunk)
+            ids = torch.tensor([[tok.eos_id] * (width - len(r) + 1) + r[1:] for r in chunk])  # left padding
+            mask = torch.tensor([[0] * (width - len(r) + 1) + [1] * (len(r) - 1) for r in chunk])
+            with torch.inference_mode():
+                gen = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=longest,
+                                  min_new_tokens=longest, pad_token_id=tok.eos_id)
+            out += [gen[j, width:width + r[0]].tolist() for j, r in enumerate(chunk)]
+        outputs["hf"] = out
+
+    def reference():
+        outputs["reference"] = lab.run_batcher(batcher_cls, model, requests)
+
+    result = compare({"hf_generate_static_batches": hf_static, "continuous_batching_reference": reference},
+                     baseline="hf_generate_static_batches", warmup=1, min_rounds=rounds[0], max_rounds=rounds[1],
+                     rel_ci=0.05)
+    useful = sum(r[0] for r in requests)
+    same = sum(a == b for a, b in zip(outputs["hf"], outputs["reference"]))
+    return {"model": "tiny", "requests": len(requests), "max_batch_size": batch, "token_budget": lab.PERF_TOKEN_BUDGET,
+            "new_tokens_requested": useful, "prompt_tokens": sum(len(r) - 1 for r in requests),
+            "rounds": result.rounds, "stable": result.stable, "identical_requests": same,
+            "tokens_per_s": {name: useful / result.median_s(name) for name in result.times},
+            "reference_over_hf": result.speedup("continuous_batching_reference"),
+            "ci95": [result.ratios["continuous_batching_reference"]["ci_low"],
+                     result.ratios["continuous_batching_reference"]["ci_high"]],
+            "transformers": transformers.__version__}
+
+
+SECTIONS = {"foundation": foundation, "kv_cache_vs_hf": kv_cache_vs_hf,
+            "continuous_batching_vs_hf": continuous_batching_vs_hf}
 
 
 def markdown(results: dict) -> str:
@@ -153,6 +204,20 @@ def markdown(results: dict) -> str:
                       f"| Hugging Face `generate`, KV cache on | {tps['hf_generate_cache']:.1f} |",
                       f"| kv_cache lab reference (`cached_generate`) | {tps['kv_cache_reference']:.1f} |", "",
                       f"The reference is **{s['reference_over_hf']:.2f}x** Hugging Face's speed "
+                      f"[95% CI {s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}].", ""]
+        if name == "continuous_batching_vs_hf":
+            s = section
+            tps = s["tokens_per_s"]
+            lines += [f"## continuous_batching reference vs Hugging Face ({s['date']})", "",
+                      f"`{s['model']}`, one mixed-length trace of {s['requests']} requests ({s['prompt_tokens']} prompt "
+                      f"tokens, {s['new_tokens_requested']} new tokens asked for), all waiting at once, batches of "
+                      f"{s['max_batch_size']}, greedy, {s['rounds']} interleaved rounds"
+                      f"{'' if s['stable'] else ' (interval target not reached)'}; requests with identical tokens: "
+                      f"{s['identical_requests']} of {s['requests']}; transformers {s['transformers']}.", "",
+                      "| implementation | useful tokens/s |", "| --- | ---: |",
+                      f"| Hugging Face batched `generate` (static batches, left-padded) | {tps['hf_generate_static_batches']:.1f} |",
+                      f"| continuous_batching lab reference (`ContinuousBatcher`) | {tps['continuous_batching_reference']:.1f} |", "",
+                      f"The reference is **{s['reference_over_hf']:.2f}x** Hugging Face's throughput "
                       f"[95% CI {s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}].", ""]
         if name == "perf_robustness":
             s = section

@@ -277,41 +277,54 @@ def report(results: Path, track_name: str | None, out: Path) -> None:
 
 
 @main.command()
-@click.option("--lab", default="kv_cache", show_default=True, help="The lab whose bundled samples to grade.")
+@click.option("--track", "track_name", default="quick", show_default=True,
+              help="Grade this track's bundled sample class (samples/<track>_class.py), lab by lab.")
+@click.option("--lab", default=None, help="Instead: grade one lab's bundled samples (samples/<lab>.py).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"),
-              show_default=True, help="Submissions, grading output, report.html and grades.csv go here.")
+              show_default=True, help="The course, its submissions, grading output, reports and grades.csv go here.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=10), default=150, show_default=True,
-              help="Wall-time limit per sample, in seconds (the 'loop' sample uses all of it).")
-def demo(lab: str, out: Path, workers: int, timeout: float) -> None:
-    """Autograde LAB's bundled sample class and write the instructor report (what `make demo` runs).
+              help="Wall-time limit per submission, in seconds (kv_cache's 'loop' sample uses all of it).")
+def demo(track_name: str, lab: str | None, out: Path, workers: int, timeout: float) -> None:
+    """Autograde a bundled sample class and write the instructor reports (what `make demo` runs).
 
-    Grades each sample (reference, stub, slow, wrong, crash, loop, snoop, timer-patch) in the
-    bubblewrap sandbox, then prints awarded against expected points. Exits non-zero if any
-    sample's grade or anti-cheat flag differs from what a careful human grader would give.
-    A re-run regrades only what changed.
+    By default the quick track's class: six learners' hand-ins of gpu_basics, kv_cache,
+    continuous_batching and roi (right, slow, wrong, partial, missing, a patched timer), graded
+    in the bubblewrap sandbox as `inferlab autograde --course` grades a class, with due dates
+    from the track. Prints awarded against expected points per learner and lab; exits non-zero
+    if any grade or anti-cheat flag differs from what a careful human grader would give. A
+    re-run regrades only what changed.
 
     \b
-    Example:
+    Examples:
       inferlab demo --out demo-output
+      inferlab demo --lab kv_cache --out demo-kv-cache
     """
     need_extra("nbgrader", "lab")
     import shutil
 
-    from .demo import run_demo, table
+    from .demo import run_demo, run_track_demo, table, track_table
+    from .tracks import TrackError
 
     if shutil.which("bwrap") is None:
         click.echo("bubblewrap is not installed: grading the bundled samples without a sandbox (they are "
                    "trusted code; install it with `apt-get install bubblewrap` before grading learners)", err=True)
     try:
-        rows, page, grades = run_demo(out, lab, workers=workers, timeout_s=timeout)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if lab:
+            rows, page, grades = run_demo(out, lab, workers=workers, timeout_s=timeout)
+            click.echo(table(rows))
+            click.echo(f"wrote {page}, {grades} and {out / 'grading' / lab} (results, feedback, gradebook.db)")
+            wrong = [r.sample for r in rows if not r.agrees]
+        else:
+            hands, page, grades = run_track_demo(out, track_name, workers=workers, timeout_s=timeout)
+            click.echo(track_table(hands))
+            click.echo(f"wrote {page} (track report), {grades}, {out / 'reports'} (one report per lab) and "
+                       f"{out / 'course'} (the nbgrader course: submitted/, autograded/, feedback/, gradebook.db)")
+            wrong = [f"{h.learner}/{h.lab}" for h in hands if not h.agrees]
+    except (ValueError, FileNotFoundError, RuntimeError, TrackError) as err:
         raise click.ClickException(str(err)) from None
-    click.echo(table(rows))
-    click.echo(f"wrote {page}, {grades} and {out / 'grading' / lab} (results, feedback, gradebook.db)")
-    wrong = [r.sample for r in rows if not r.agrees]
     if wrong:
-        raise click.ClickException(f"not graded as expected: {', '.join(wrong)}; see {out / 'grading' / lab}/results")
+        raise click.ClickException(f"not graded as expected: {', '.join(wrong)}; see the results under {out}")
 
 
 @main.group()

@@ -66,3 +66,142 @@ def table(rows: list[Row]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [head, *body]]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+# ---------------------------------------------------------------- a whole track's sample class
+
+@dataclass
+class Hand:
+    """One learner's hand-in of one lab in the track demo."""
+    learner: str
+    lab: str
+    sample: str
+    expected: dict[str, float]
+    awarded: dict[str, float]
+    status: str
+    flags: list[str]
+    expected_flagged: bool
+    late_by_s: float | None
+    time_on_task_s: float | None
+
+    @property
+    def agrees(self) -> bool:
+        return self.awarded == self.expected and bool(self.flags) == self.expected_flagged
+
+
+def class_definition(track: str) -> dict:
+    """samples/<track>_class.py: the simulated class (start time, and per learner per lab what they did)."""
+    import importlib.util
+    import sys
+
+    from .catalogue import REPO_ROOT
+
+    path = REPO_ROOT / "samples" / f"{track}_class.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"track {track!r} has no sample class at {path}")
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    spec = importlib.util.spec_from_file_location(f"samples_{track}_class", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {"start": module.START, "learners": module.LEARNERS}
+
+
+def write_course(out: Path, track: str, definition: dict | None = None) -> tuple[Path, dict[str, dict[str, str]]]:
+    """An nbgrader course under out/course with the class's hand-ins, timestamps and progress files;
+    returns the course and, per lab, which sample each learner handed in."""
+    import datetime as dt
+    import json
+
+    from . import tracks
+
+    definition = definition or class_definition(track)
+    course = out / "course"
+    course.mkdir(parents=True, exist_ok=True)
+    (course / "nbgrader_config.py").write_text('c = get_config()  # noqa: F821\nc.CourseDirectory.course_id = '
+                                               f'"inferlab-demo-{track}"\n')
+    start = tracks.parse_time(definition["start"])
+    record = course / tracks.COURSE_FILE
+    if tracks.started(record) != (tracks.get_track(track), start):
+        tracks.start(track, start, course, restart=record.exists(), course=True)
+    handed: dict[str, dict[str, str]] = {}
+    built: dict[str, dict[str, Path]] = {}
+    for learner, labs in definition["learners"].items():
+        for lab, spec in labs.items():
+            if lab not in built:
+                built[lab] = samples.build(lab, out / "samples" / lab)
+            folder = course / "submitted" / learner / lab
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{lab}.ipynb"
+            if not target.is_file() or target.read_bytes() != built[lab][spec["sample"]].read_bytes():
+                shutil.copy(built[lab][spec["sample"]], target)  # unchanged files keep autograde's resume
+            opened = start + dt.timedelta(minutes=spec["opened"])
+            submitted = opened + dt.timedelta(minutes=spec["minutes"])
+            (folder / "timestamp.txt").write_text(submitted.strftime("%Y-%m-%d %H:%M:%S.%f UTC"))
+            (folder / tracks.PROGRESS_FILE).write_text(json.dumps({"lab": lab, "opened": opened.isoformat()}) + "\n")
+            handed.setdefault(lab, {})[learner] = spec["sample"]
+    return course, handed
+
+
+def run_track_demo(out: Path, track: str = "quick", workers: int = 2, timeout_s: float = 150.0,
+                   sandbox: str | None = None, progress: bool = True,
+                   definition: dict | None = None) -> tuple[list[Hand], Path, Path]:
+    """Grade a track's bundled sample class, lab by lab, as `inferlab autograde --course` grades a class;
+    write each lab's report and the track's report. A re-run regrades nothing that is unchanged."""
+    import json
+
+    from . import tracks
+    from .report import write_track_report
+
+    sandbox = sandbox or ("bwrap" if shutil.which("bwrap") else "none")
+    out = Path(out).resolve()
+    course, handed = write_course(out, track, definition)
+    hands = []
+    for entry in tracks.get_track(track).labs:
+        if entry.lab not in handed:
+            continue
+        definitions = samples.definitions(entry.lab)
+        results_dir = course / "autograde-results" / entry.lab
+        outcomes = autograde(entry.lab, course / "submitted", course, workers=workers, sandbox=sandbox,
+                             limits=Limits(wall_s=timeout_s), progress=progress, results_dir=results_dir,
+                             due=tracks.due_date(course, entry.lab))
+        write_report(results_dir, out / "reports" / entry.lab)
+        for o in outcomes:
+            result = json.loads(o.result_path.read_text())
+            spec = definitions[handed[entry.lab][o.student]]
+            awarded = {notebook.task_of(t["cell"]): t["points"] for t in result.get("tasks", [])}
+            hands.append(Hand(o.student, entry.lab, handed[entry.lab][o.student],
+                              {k: float(v) for k, v in spec["expected"].items()}, awarded, result["status"],
+                              flags_of(result), spec["flags"], result.get("late_by_s"), result.get("time_on_task_s")))
+    grading_root = out / "grading"
+    grading_root.mkdir(exist_ok=True)
+    for lab in handed:  # the track report reads <root>/<lab>/results
+        link = grading_root / lab / "results"
+        link.parent.mkdir(exist_ok=True)
+        if not link.exists():
+            link.symlink_to(course / "autograde-results" / lab)
+    page, grades = write_track_report(grading_root, track, out)
+    return hands, page, grades
+
+
+def track_table(hands: list[Hand]) -> str:
+    """Learners down, labs across: awarded/expected points, with late and flagged marks."""
+    labs = list(dict.fromkeys(h.lab for h in hands))
+    learners = sorted({h.learner for h in hands})
+    by = {(h.learner, h.lab): h for h in hands}
+
+    def cell(h: Hand | None) -> str:
+        if h is None:
+            return "-"
+        text = f"{sum(h.awarded.values()):g}/{sum(h.expected.values()):g} {h.sample}"
+        if h.flags:
+            text += " flagged"
+        if h.late_by_s:
+            text += f" late {h.late_by_s / 60:.0f}m"
+        return text + ("" if h.agrees else " NOT AS EXPECTED")
+
+    head = ["learner", *labs]
+    body = [[name, *(cell(by.get((name, lab))) for lab in labs)] for name in learners]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [head, *body]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])

@@ -210,7 +210,7 @@ def build_track(track_name: str, by_lab: dict[str, list[dict]]) -> tuple[str, li
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.bar([r[0] for r in rows], [float(r[4].rstrip("%")) for r in rows], color="#4a7ab5")
     ax.set(ylabel="mean score (%)", ylim=(0, 100), title=f"Track {track.name}: mean score per lab")
-    sections.append(_png(fig))
+    sections += ["<h2>Scores</h2>", _png(fig)]
     timed = {e.lab: [r["time_on_task_s"] / 60 for r in by_lab[e.lab] if r.get("time_on_task_s") is not None]
              for e in labs}
     if any(timed.values()):
@@ -221,7 +221,7 @@ def build_track(track_name: str, by_lab: dict[str, list[dict]]) -> tuple[str, li
         ax.set_xticks(range(len(labs)), [e.lab for e in labs])
         ax.set(ylabel="minutes on task", title="Time on task against each lab's budget")
         ax.legend()
-        sections.append(_png(fig))
+        sections += ["<h2>Time on task against each lab's budget</h2>", _png(fig)]
     else:
         sections.append("<p>No time on task recorded (no submission carried an inferlab-progress.json).</p>")
     by_student = {s: {} for s in students}

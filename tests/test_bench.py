@@ -88,3 +88,16 @@ def test_kv_cache_reference_vs_hf_benchmark_runs_on_identical_tokens():
     assert section["reference_over_hf"] > 0 and section["ci95"][0] <= section["reference_over_hf"] <= section["ci95"][1]
     table = bench_run.markdown({"kv_cache_vs_hf": section})
     assert "kv_cache lab reference" in table and "Hugging Face's speed" in table
+
+
+def test_continuous_batching_reference_vs_hf_benchmark_runs():
+    """A short run of `make bench`'s continuous_batching_vs_hf section on one trace."""
+    pytest.importorskip("transformers")
+    bench_run = load_bench_run()
+    section = bench_run.continuous_batching_vs_hf(rounds=(1, 1))
+    section.update(machine=bench_run.machine(), date="today")
+    # Left padding changes float sums a little, so a rare argmax tie may differ; most requests must agree.
+    assert section["identical_requests"] >= 0.8 * section["requests"], section
+    assert section["reference_over_hf"] > 0
+    table = bench_run.markdown({"continuous_batching_vs_hf": section})
+    assert "continuous_batching lab reference" in table
