@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import notebook
 from .catalogue import REPO_ROOT
-from .perf import TimedTask
+from .timed import TimedTask
 from .sandbox import Limits
 from .submissions import Submission, discover
 

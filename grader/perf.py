@@ -15,7 +15,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +103,4 @@ class ClockTampered(RuntimeError):
         self.names = names
 
 
-@dataclass(frozen=True)
-class TimedTask:
-    """A lab's task whose points depend on speed."""
-
-    task: str  # the task ID, e.g. "K4"
-    gate: str  # grade_id of the hidden test that must pass first (correctness on this seed's inputs)
-    cells: tuple[str, ...]  # grade_ids of the cells that define the timed code, in notebook order
-    rounds: tuple[int, int] = (5, 15)  # min, max timed rounds after one warm-up round
-    rel_ci: float = 0.1  # stop once the 95% interval of every median ratio is within +-10%
-    max_seconds: float = 150.0  # for the whole stage, start-up included
-    slack_s: float = 5.0  # no new round starts later than this before the deadline: at least one round's time
+from .timed import TimedTask  # noqa: E402,F401  (kept importable from here)

@@ -36,7 +36,7 @@ from typing import Any
 
 from . import notebook
 from .checks import ERROR, FAILED, PASSED, CheckFailed, CheckResult
-from .perf import TimedTask
+from .timed import TimedTask
 from .sandbox import Limits, sandbox_env, sandboxed
 
 

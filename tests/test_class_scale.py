@@ -84,6 +84,21 @@ def test_each_graded_learner_gets_what_their_work_deserves(graded):
     assert not wrong, wrong
 
 
+def test_messages_name_each_samples_mistake_and_nothing_is_flagged(graded):
+    from grader.report import flags_of
+
+    by_kind = {}
+    for student, kind in graded["kinds"].items():
+        by_kind.setdefault(kind, graded["results"][student])
+    messages = {c["task"]: c["message"] for c in by_kind["mix"]["checks"] if c["status"] != "passed"}
+    assert "instead of raising ValueError" in messages["R1"] and "one sequence at a time" in messages["R3"]
+    wrong = {c["task"]: c for c in by_kind["wrong"]["checks"]}
+    assert "3600x too large" in wrong["R1"]["message"]
+    assert wrong["R2"]["measured"].get("follows_your_cost_per_query")
+    for kind, result in by_kind.items():
+        assert bool(flags_of(result)) == SAMPLES[kind]["flags"], (kind, flags_of(result))
+
+
 def test_faulty_hand_ins_are_rejected_with_their_reason(graded):
     results = graded["results"]
     for name in CUT_OFF:
