@@ -148,10 +148,23 @@ class LimitedClient(NotebookClient):
         return super().output(outs, msg, display_id, cell_index)
 
 
+# A Unix socket's path holds at most 107 bytes; ZeroMQ's kernel sockets are
+# <folder>/inferlab-kernel-XXXXXXXX/sockets/kernel-N-suffix, about 50 bytes below the folder.
+SOCKET_FOLDER_MAX = 55
+
+
+def socket_parent(workdir: Path | None) -> str | None:
+    """Where the kernel's private socket folder goes: the grading output folder when its path is
+    short enough for Unix sockets, else the system's temporary folder (a deep --out must not break grading)."""
+    if workdir is not None and len(str(Path(workdir).resolve())) <= SOCKET_FOLDER_MAX:
+        return str(workdir)
+    return None
+
+
 def execute(nb, backend: str, limits: Limits, workdir: Path | None = None) -> Execution:
     """Run every cell in a sandboxed kernel; errors in cells are recorded, not raised."""
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="inferlab-kernel-", dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(prefix="inferlab-kernel-", dir=socket_parent(workdir)) as tmp:
         km = SandboxedKernelManager(backend, limits, Path(tmp) / "sockets")
         client = LimitedClient(nb, limits.output_bytes, km=km, timeout=limits.wall_s, allow_errors=True,
                                startup_timeout=120, record_timing=False)

@@ -160,12 +160,12 @@ def test_timed_task_ran_outside_the_notebook(graded):
 
 
 def test_demo_table_and_command(graded):
-    """`inferlab demo` (make demo) on the graded class: regrades nothing, prints the table, exits 0."""
+    """`inferlab demo --lab kv_cache` on the graded class: regrades nothing, prints the table, exits 0."""
     out, _, _, rows = graded
     assert all(r.agrees for r in rows), table(rows)
     demo_root = out.parent.parent
     exe = str(Path(sys.executable).with_name("inferlab"))
-    res = subprocess.run([exe, "demo", "--out", str(demo_root), "--timeout", str(LIMITS.wall_s)],
+    res = subprocess.run([exe, "demo", "--lab", LAB, "--out", str(demo_root), "--timeout", str(LIMITS.wall_s)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     for name in SAMPLES:

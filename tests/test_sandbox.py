@@ -75,3 +75,16 @@ def test_docker_backend_has_equivalent_flags(tmp_path):
         assert flag in joined
     bw = " ".join(bwrap_command(["python"], tmp_path, Limits()))
     assert "--unshare-all" in bw and "--remount-ro /" in bw and "prlimit" in bw
+
+
+def test_a_deep_output_folder_does_not_break_the_kernel_sockets(tmp_path):
+    """Unix socket paths hold 107 bytes: a grading folder deeper than that budget allows puts the kernel's
+    sockets in the system's temporary folder instead (this once failed every submission under a deep --out)."""
+    from pathlib import Path
+
+    from grader.execute import SOCKET_FOLDER_MAX, socket_parent
+
+    assert socket_parent(Path("/tmp/g")) == "/tmp/g"
+    deep = tmp_path / ("d" * (SOCKET_FOLDER_MAX + 1))
+    assert socket_parent(deep) is None
+    assert socket_parent(None) is None
