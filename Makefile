@@ -32,7 +32,7 @@ bench-grader: install
 	$(PY) bench/perf_robustness.py --runs 20 --out bench
 
 # Autograde throughput: submissions per minute against workers, local and Ray, and the sizing of a
-# class of 500 (about 15 minutes on 2 cores).
+# class of 500 (about 8 minutes on 2 cores).
 bench-throughput: install
 	$(PY) bench/grading_throughput.py --out bench
 
