@@ -30,7 +30,7 @@ from pathlib import Path
 from . import notebook
 from .catalogue import REPO_ROOT
 from .timed import TimedTask
-from .sandbox import Limits
+from .sandbox import Limits, die_with_parent
 from .submissions import Submission, discover
 
 GRADER_VERSION = "1"  # bump when grading changes meaning, so every submission is regraded
@@ -147,18 +147,6 @@ def _with_timing(result_path: Path, subs: list[Submission], due) -> dict:
         tmp.write_text(json.dumps(result, indent=1, default=str))
         tmp.replace(result_path)
     return result
-
-
-def die_with_parent() -> None:
-    """In a worker process, before it starts: be killed when the process that started it dies, so a
-    killed driver or Ray worker leaves no orphaned grading behind (its sandbox dies with it in turn)."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 9)  # 9: SIGKILL
-    except (OSError, AttributeError):  # not Linux: orphans are then left to the hard limit
-        pass
 
 
 def hard_limit_s(limits: Limits) -> float:

@@ -32,22 +32,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from . import notebook
 from .checks import ERROR, FAILED, PASSED, CheckFailed, CheckResult
 from .timed import TimedTask
-from .sandbox import Limits, sandbox_env, sandboxed
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGKILL when the grading process dies (Linux), so no worker outlives it."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+from .sandbox import Limits, die_with_parent, sandbox_env, sandboxed
 
 
 class WorkerFailed(RuntimeError):
@@ -66,7 +55,7 @@ class Worker:
         cmd = sandboxed([sys.executable, "-m", "grader.perf_worker"], backend, limits, private)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      env=sandbox_env(backend, limits, private), start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         self._buffer = b""
         self.send({"lab": lab, "role": role, "cells": cells, "threads": limits.threads or os.cpu_count() or 1})
 

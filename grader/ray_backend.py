@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .perf import THRESHOLDS_DIR
-from .sandbox import Limits
+from .sandbox import Limits, die_with_parent
 
 RETRIES = 2  # Ray re-runs a task whose worker process or node died this many times
 DEFAULT_RESOURCES = {"cpu": {"cpus": 1, "gpus": 0}, "gpu": {"cpus": 2, "gpus": 1}}
@@ -53,7 +53,7 @@ def portable_job(job: dict) -> dict:
 
 def grade_on_node(job: dict, submission: bytes | None, hard_limit_s: float) -> dict[str, Any]:
     """The body of one Ray task: grade one submission in a private temporary folder of this node."""
-    from .autograde import die_with_parent, source_path
+    from .autograde import source_path
 
     node = socket.gethostname()
     source = source_path(job["lab"])

@@ -34,6 +34,19 @@ from jupyter_client import AsyncKernelManager
 BACKENDS = ("bwrap", "docker", "none")
 
 
+def die_with_parent() -> None:
+    """In a child process, before exec: be killed when the process that started it dies (Linux), so a
+    killed driver, grading worker or Ray worker leaves nothing running behind (sandboxes die in turn)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: orphans are then left to the hard time limits
+        pass
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-submission limits. Wall time and output are enforced by the executor, the rest by the OS."""
