@@ -8,9 +8,14 @@ Parameter names match Hugging Face's `LlamaForCausalLM` / `Qwen2ForCausalLM` (mi
 leading `model.`), so checkpoints load with a plain `load_state_dict`.
 
 What the model does *not* contain is as important: no KV cache, no batching scheduler,
-no quantization, no speculative decoding. Those are the labs. The attention layer reaches
-past keys and values only through the small `KVCache` protocol below, which a lab
-implements and passes to `Transformer.forward`.
+no quantization, no speculative decoding, no custom kernels. Those are the labs, and they
+plug in through three seams instead of editing this file:
+
+* a cache: any object with `KVCache.update`, passed to `Transformer.forward`;
+* an attention function (`AttentionFn`): `Transformer(args, attention=fn)` or
+  `model.set_attention(fn)`; `sdpa_attention` is the default and `reference_attention`
+  the plain version that kernels are checked against;
+* `replace_linears(model, make)`: swaps `nn.Linear` layers for, say, quantized ones.
 
 Shape names used in comments:
     B batch, T new tokens in this call, S key/value slots visible to attention,
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -107,18 +112,74 @@ class KVCache(Protocol):
     The model calls `update` once per layer per forward pass, after RoPE has been
     applied to the new keys. The cache stores them and returns everything attention may
     look at. Convention: slot j of the returned tensors holds the key/value of position j,
-    so the model can build the causal mask as `slot <= query position`. Slots never
-    written (or belonging to padding) are masked by the caller's `attention_mask`.
+    so the model can build the causal mask as `slot <= query position`. S may be exactly
+    max(input_pos) + 1 or a fixed length (a static buffer, which keeps shapes constant for
+    torch.compile); slots above a query's position are masked by causality.
+
+    Slots at or below a query's position that hold nothing valid must be masked. Either the
+    caller passes `attention_mask` to the forward, or the cache returns a third value, a key
+    mask, which the model ANDs with it. A cache needs the key mask when it knows better than
+    the caller which slots are live: rows of a batch with their own lengths or left padding
+    that the cache skipped, slots filled out of order (blocks of a paged cache), slots freed
+    by a rollback. Masked slots may hold any finite values (0 * NaN is NaN, even in a
+    masked softmax).
 
     Args:
         layer: index of the decoder layer, 0..n_layers-1.
         input_pos: positions of the new tokens, [T] (same for every row) or [B, T].
         k, v: the new keys and values, [B, Hkv, T, D].
     Returns:
-        (k_all, v_all), each [B, Hkv, S, D] with S > max(input_pos).
+        (k_all, v_all), each [B, Hkv, S, D] with S > max(input_pos), or
+        (k_all, v_all, key_mask) with key_mask [B, S] bool, False for slots not to attend.
     """
 
-    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+    def update(self, layer: int, input_pos: Tensor, k: Tensor,
+               v: Tensor) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]: ...
+
+
+class AttentionFn(Protocol):
+    """The attention computation of one layer, pluggable (`Transformer(args, attention=fn)`).
+
+    Args:
+        q: queries, [B, H, T, D], RoPE applied.
+        k, v: keys and values, [B, Hkv, S, D], as the cache returned them (or this call's own
+            when there is no cache). Hkv divides H and the heads are *not* repeated: query head
+            h uses key/value head h // (H // Hkv), so a kernel can read each K/V head once
+            for its whole group.
+        mask: [B, 1, T, S] bool, True where query t may attend to slot s. Causality, padding
+            and the cache's key mask are all in it; every row has at least one True.
+        scale: multiply q.k by this before the softmax (1 / sqrt(D)).
+        **context: `layer` (int) and `cache` (the `KVCache` or None). Most functions ignore
+            them; a paged-attention kernel reads its block pool and block table from `cache`
+            for `layer` instead of taking k and v (see docs/runtime.md). New keys may be added,
+            so accept `**context` even if unused.
+    Returns:
+        [B, H, T, D] in q's dtype.
+    """
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: float,
+                 **context: Any) -> Tensor: ...
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: float, **context: Any) -> Tensor:
+    """The default `AttentionFn`: PyTorch's fused scaled_dot_product_attention."""
+    # enable_gqa lets SDPA share each K/V head across its query group without copying it H/Hkv times.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: float, **context: Any) -> Tensor:
+    """The `AttentionFn` kernels are checked against: softmax(q k^T * scale, masked) v, all in fp32.
+
+    Slow and memory-hungry on purpose (it materialises the repeated heads and the [T, S] scores):
+    every step is one line you can check by hand.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(groups, dim=1)  # [B, H, S, D]: query head h reads K/V head h // groups
+    v = v.float().repeat_interleave(groups, dim=1)  # [B, H, S, D]
+    scores = q.float() @ k.transpose(-2, -1) * scale  # [B, H, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, T, S] broadcasts over heads
+    probs = scores.softmax(dim=-1)  # a masked slot gets exactly 0
+    return (probs @ v).to(q.dtype)  # [B, H, T, D]
 
 
 class RMSNorm(nn.Module):
@@ -165,10 +226,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs, layer: int, attention: AttentionFn = sdpa_attention):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.scale = 1.0 / math.sqrt(args.head_dim)
+        self.attention_fn = attention  # a plain attribute: not a parameter, not in the state dict
         self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
@@ -183,22 +246,37 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         query_pos = input_pos if input_pos.dim() == 2 else input_pos.expand(B, T)  # [B, T]
+        keep = attention_mask  # [B, S] or None: False for key slots to ignore
         if cache is None:
             key_pos = query_pos  # attention sees only this call's tokens
         else:
-            k, v = cache.update(self.layer, input_pos, k, v)  # [B, Hkv, S, D]
+            stored = cache.update(self.layer, input_pos, k, v)
+            k, v = stored[0], stored[1]  # [B, Hkv, S, D]
             key_pos = torch.arange(k.shape[2], device=x.device).expand(B, -1)  # slot j is position j
-        mask = causal_mask(query_pos, key_pos, attention_mask)  # [B, 1, T, S]
+            if len(stored) == 3:  # the cache also says which slots hold something valid
+                key_mask = stored[2]  # [B, S]
+                if key_mask.shape != (B, k.shape[2]):
+                    raise ValueError(f"cache.update returned a key mask of shape {list(key_mask.shape)}; "
+                                     f"expected [batch={B}, slots={k.shape[2]}] bool")
+                keep = key_mask.bool() if keep is None else keep.bool() & key_mask.bool()
+        mask = causal_mask(query_pos, key_pos, keep)  # [B, 1, T, S]
 
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        out = self.attention_fn(q, k, v, mask, scale=self.scale, layer=self.layer, cache=cache)  # [B, H, T, D]
+        if out.shape != q.shape:
+            raise ValueError(f"attention function {getattr(self.attention_fn, '__name__', self.attention_fn)} "
+                             f"returned shape {list(out.shape)}; expected [B, H, T, D] = {list(q.shape)}")
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, attention_fn={getattr(self.attention_fn, '__name__', self.attention_fn)}"
 
 
 def causal_mask(query_pos: Tensor, key_pos: Tensor, attention_mask: Tensor | None) -> Tensor:
     """Boolean mask [B, 1, T, S]: True where a query may attend to a key.
 
-    query_pos: [B, T]; key_pos: [B, S]; attention_mask: [B, S] with False on padding keys.
-    A query always sees its own position, so a padding query never has an all-masked row
+    query_pos: [B, T]; key_pos: [B, S]; attention_mask: [B, S] with False on padding keys
+    (the caller's mask and the cache's key mask, combined). A query always sees its own
+    position, so a padding query never has an all-masked row
     (which would give NaN and poison the padding slot's key for later layers).
     """
     allowed = key_pos[:, None, :] <= query_pos[:, :, None]  # [B, T, S]
@@ -220,10 +298,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelArgs, layer: int, attention: AttentionFn = sdpa_attention):
         super().__init__()
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.self_attn = Attention(args, layer)
+        self.self_attn = Attention(args, layer, attention)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
@@ -233,13 +311,17 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The decoder. `forward(tokens)` returns next-token logits for every position."""
+    """The decoder. `forward(tokens)` returns next-token logits for every position.
 
-    def __init__(self, args: ModelArgs):
+    `attention` is the `AttentionFn` every layer uses (default `sdpa_attention`); change it
+    later with `set_attention`, or per layer through `layers[i].self_attn.attention_fn`.
+    """
+
+    def __init__(self, args: ModelArgs, *, attention: AttentionFn = sdpa_attention):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i, attention) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -259,6 +341,12 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)  # [max_seq_len, D]
         self.rope_cos = angles.cos()
         self.rope_sin = angles.sin()
+
+    def set_attention(self, fn: AttentionFn) -> "Transformer":
+        """Use `fn` in every layer from the next forward on; returns the model, as `.eval()` does."""
+        for layer in self.layers:
+            layer.self_attn.attention_fn = fn
+        return self
 
     @property
     def num_parameters(self) -> int:
@@ -280,12 +368,19 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=tokens.device)
         if input_pos.shape[-1] != T:
             raise ValueError(f"input_pos has {input_pos.shape[-1]} positions for {T} tokens")
-        top = int(input_pos.max())
-        if top >= self.args.max_seq_len:
-            raise ValueError(
-                f"position {top} is past the model's context of {self.args.max_seq_len} tokens; "
-                "shorten the prompt or generate fewer tokens"
-            )
+        # Reading max(input_pos) back to Python waits for the device (a host sync that stalls a
+        # GPU's queue of kernels) and is a graph break under torch.compile. So the friendly check
+        # runs only where it is free: eager mode with positions on the CPU. Elsewhere an
+        # out-of-range position still fails, less politely, in the RoPE table lookup below
+        # (IndexError on CPU, a device-side assert on a GPU). Generation loops check lengths
+        # before they start (generate.check_length), so this is a last line of defence.
+        if input_pos.device.type == "cpu" and not torch.compiler.is_compiling():
+            top = int(input_pos.max())
+            if top >= self.args.max_seq_len:
+                raise ValueError(
+                    f"position {top} is past the model's context of {self.args.max_seq_len} tokens; "
+                    "shorten the prompt or generate fewer tokens"
+                )
         x = self.embed_tokens(tokens)  # [B, T, C]
         cos = self.rope_cos[input_pos].to(x.dtype)  # [T, D] or [B, T, D]
         sin = self.rope_sin[input_pos].to(x.dtype)
@@ -295,3 +390,31 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, cache, attention_mask)
         return self.lm_head(self.norm(x)).float()  # [B, T, V]
+
+
+def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module | None]) -> list[str]:
+    """Swap `nn.Linear` layers for modules that `make` builds, in place: the hook for quantization.
+
+    `make(name, linear)` is called once for every `nn.Linear` in `model`, with its qualified
+    name ("layers.0.self_attn.q_proj", ..., "lm_head"), and returns the module to put in its
+    place (same call: [..., in_features] -> [..., out_features]), or None to keep the Linear.
+    Returns the names replaced, in model order. The model never learns what it now holds.
+
+    Tied embeddings: in a tied model `lm_head.weight` *is* `embed_tokens.weight`, and the
+    embedding (not a Linear) is never touched. A replacement that keeps using the Linear's
+    weight (a wrapper) keeps the tie. One that builds its own storage (int8 weights, say)
+    ends it: token lookup keeps the full-precision table, the head uses the new copy, and the
+    model then holds the vocabulary table twice. Return None for "lm_head" to keep one table.
+    """
+    # Collect first, replace after, so a replacement that wraps the old Linear is not walked into
+    # in this call (a later call would offer the wrapped one, as "<name>.linear" or similar).
+    found = [name for name, module in model.named_modules() if name and isinstance(module, nn.Linear)]
+    replaced = []
+    for full_name in found:
+        parent_name, _, name = full_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        new = make(full_name, getattr(parent, name))
+        if new is not None and new is not getattr(parent, name):
+            setattr(parent, name, new)
+            replaced.append(full_name)
+    return replaced
