@@ -3,15 +3,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench bench-grader bench-throughput train clean
+INSTALL_LOG := $(VENV)/install.log
+# A failed install step prints the end of the log (pip's error is there) and stops make.
+INSTALL_FAILED = { echo; echo "make install failed; the end of $(INSTALL_LOG):"; tail -n 40 $(INSTALL_LOG); exit 1; } >&2
 
+.PHONY: install demo test bench bench-grader bench-throughput train gpu-check gpu-check-wheels clean
+
+# One line per step; everything pip and setuptools print goes to $(INSTALL_LOG).
+# torch first and pinned: 2.13.0 is the CPU wheel here; an unpinned torch would pull a CUDA build.
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned: 2.13.0 is the CPU wheel here; an unpinned torch would pull a CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	@mkdir -p $(VENV) && : >$(INSTALL_LOG)
+	@printf '[1/4] venv %s: ' $(VENV); if test -x $(PY); then echo exists; else \
+	  python3 -m venv $(VENV) >>$(INSTALL_LOG) 2>&1 && echo created || $(INSTALL_FAILED); fi
+	@printf '[2/4] pip: '; $(PY) -m pip install --progress-bar off --upgrade pip >>$(INSTALL_LOG) 2>&1 \
+	  && $(PY) -c "import importlib.metadata as m; print(m.version('pip'))" || $(INSTALL_FAILED)
+	@printf '[3/4] torch 2.13.0: '; $(PY) -m pip install --progress-bar off torch==2.13.0 >>$(INSTALL_LOG) 2>&1 \
+	  && $(PY) -c "import importlib.metadata as m; print(m.version('torch'))" || $(INSTALL_FAILED)
+	@printf '[4/4] inferlab[dev] (editable): '; $(PY) -m pip install --progress-bar off -e ".[dev]" >>$(INSTALL_LOG) 2>&1 \
+	  && echo done || $(INSTALL_FAILED)
+	@touch $(STAMP)
 
 install: $(STAMP)
 
@@ -40,5 +50,21 @@ bench-throughput: install
 train: install
 	cd labs && ../$(PY) -m inferlab.train --work ../.train-work
 
+# On a GPU: calibrates the cuda profile of every lab with a GPU part, runs the Triton paths compiled, commits the
+# measured thresholds and bench/results-gpu.md (at most 8 minutes; docs/gpu-check.md). Without a GPU it exits 3.
+# On a GPU machine with its own CUDA torch and no network, `make gpu-check PY=python3` skips the install.
+gpu-check: $(if $(filter command line,$(origin PY)),,install)
+	PYTHONPATH=$(CURDIR)/labs:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) bench/gpu_check.py --commit-thresholds --out gpu-check-output
+
+# What a GPU machine without network lacks to run gpu-check (nbformat and what it needs), as wheels for its
+# Python 3.12 in $(VENV)/gpu-wheels (ignored by git), to carry there: see docs/gpu-check.md.
+GPU_WHEELS := nbformat fastjsonschema jsonschema jsonschema-specifications referencing rpds-py jupyter-core traitlets platformdirs
+gpu-check-wheels:
+	rm -rf $(VENV)/gpu-wheels
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d $(VENV)/gpu-wheels $(GPU_WHEELS)
+	@ls $(VENV)/gpu-wheels
+
 clean:
-	rm -rf $(VENV) .pytest_cache demo-output
+	rm -rf $(VENV) .pytest_cache demo-output gpu-check-output
