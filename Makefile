@@ -7,7 +7,7 @@ INSTALL_LOG := $(VENV)/install.log
 # A failed install step prints the end of the log (pip's error is there) and stops make.
 INSTALL_FAILED = { echo; echo "make install failed; the end of $(INSTALL_LOG):"; tail -n 40 $(INSTALL_LOG); exit 1; } >&2
 
-.PHONY: install demo test bench bench-grader bench-throughput train gpu-check gpu-check-wheels clean
+.PHONY: install demo test bench bench-grader bench-throughput bench-class train gpu-check gpu-check-wheels clean
 
 # One line per step; everything pip and setuptools print goes to $(INSTALL_LOG).
 # torch first and pinned: 2.13.0 is the CPU wheel here; an unpinned torch would pull a CUDA build.
@@ -45,6 +45,11 @@ bench-grader: install
 # class of 500 (about 8 minutes on 2 cores).
 bench-throughput: install
 	$(PY) bench/grading_throughput.py --out bench
+
+# A class of 200 roi hand-ins (six of them faulty) graded and re-run: tests/test_class_scale.py at full size
+# (make test grades a class of 30 with the same test); about 14 minutes on 2 cores.
+bench-class: install
+	INFERLAB_CLASS_SIZE=200 $(PY) -m pytest tests/test_class_scale.py -q -s
 
 # Retrains the bundled models (78 min on 2 CPU cores here); checkpoints in .train-work/ make it resumable.
 train: install

@@ -1,6 +1,6 @@
-"""bench/perf_robustness.py: is the kv_cache K4 perf check fair under load?
+"""bench/perf_robustness.py: is the kv_cache KV4 perf check fair under load?
 
-Runs the graded K4 measure exactly as the autograder does (`grader.perf_stage.time_submission`:
+Runs the graded KV4 measure exactly as the autograder does (`grader.perf_stage.time_submission`:
 two sandboxed worker processes, the submission's code interleaved with the baseline and the
 reference) N times on the reference sample and N times on the 'slow' sample (correct,
 recomputes), alternating, each run with a fresh grading seed, while a CPU-bound process
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     summary = {
         "date": dt.date.today().isoformat(), "runs": opts.runs, "cpu_bound_neighbour": not opts.no_load,
         "torch_threads": opts.threads, "sandbox": backend,
-        "min_fraction_of_reference": threshold(lab, "K4")["min_fraction_of_reference"],
+        "min_fraction_of_reference": threshold(lab, "KV4")["min_fraction_of_reference"],
         "reference_passed": sum(o["status"] == "passed" for o in outcomes["reference"]),
         "slow_failed": sum(o["status"] == "failed" for o in outcomes["slow"]),
         "seconds": round(time.perf_counter() - start, 1), "outcomes": outcomes,

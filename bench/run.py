@@ -222,7 +222,7 @@ def markdown(results: dict) -> str:
         if name == "perf_robustness":
             s = section
             lines += [f"## perf_robustness ({s['date']})", "",
-                      "The kv_cache K4 graded measure (`bench/perf_robustness.py`), run as the autograder runs it "
+                      "The kv_cache KV4 graded measure (`bench/perf_robustness.py`), run as the autograder runs it "
                       "(two sandboxed processes: the submission's code interleaved with the baseline and the "
                       "reference), on the reference sample and on the 'slow' sample, alternating, "
                       f"{'with' if s['cpu_bound_neighbour'] else 'without'} a CPU-bound process alongside, "

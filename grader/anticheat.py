@@ -23,6 +23,8 @@ PATTERNS: list[tuple[str, str]] = [
     (r"os\.environ|getenv", "reads environment variables"),
     (r"\bbuiltins\b|__builtins__|sys\.modules|_getframe|\bf_locals\b|\bgc\.get_objects|__closure__",
      "reaches into the interpreter (built-ins, loaded modules, stack frames)"),
+    (r"(?m)^\s*(class|def)\s+(checks|self_check|grade)\b|^\s*(checks|self_check|grade)\s*=",
+     "redefines the notebook's checks"),
 ]
 
 
@@ -48,6 +50,11 @@ def runtime_flags(result: dict) -> list[str]:
     for check in result.get("checks", []):
         if check.get("measured", {}).get("tampering"):
             flags.append(f"{check['task']}: timing functions replaced at run time ({check['measured']['tampering']})")
+        if check.get("measured", {}).get("differs_when_timed"):  # right when checked, wrong when timed
+            flags.append(f"{check['task']}: returned other tokens while timed than when checked")
+    if result.get("tampered"):
+        flags.append("the grader or runtime replaced at run time in the answers' process "
+                     f"({', '.join(result['tampered'][:5])})")
     for task in result.get("tasks", []):
         if task.get("message", "").startswith("passed in the notebook but not when re-run") and not task.get("tampering"):
             flags.append(f"{task['cell']}: passed in the notebook, not in a clean re-run of the same code")

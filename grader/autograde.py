@@ -8,6 +8,11 @@ The path of one submission: discover (`submissions.py`) -> a worker process
 gradebook, written by this driver only -> feedback HTML (`feedback.py`). A result whose
 fingerprint (submission bytes, lab source, grader version) is unchanged is not regraded.
 
+Before a class is graded, the lab's reference solution is graded the same way, here (the
+*preflight*): if it does not get full marks, the grader or this machine is at fault, and the
+batch stops before it writes anything. A grade that is not known yet (an inconclusive timing)
+is not recorded as a zero: `retry_inconclusive` regrades those submissions.
+
 Backends run the worker processes: `local` starts them on this machine, at most `workers` at
 a time; `ray` makes each submission a Ray task (`grader.ray_backend`), on this machine or a
 cluster, with the CPUs and GPUs the lab's profile asks for. Either way only this driver writes
@@ -20,11 +25,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import notebook
@@ -33,7 +40,7 @@ from .timed import TimedTask
 from .sandbox import Limits, die_with_parent
 from .submissions import Submission, discover
 
-GRADER_VERSION = "1"  # bump when grading changes meaning, so every submission is regraded
+GRADER_VERSION = "2"  # bump when grading changes meaning, so every submission is regraded
 
 
 @dataclass
@@ -43,6 +50,12 @@ class Outcome:
     points: float
     max_points: float
     result_path: Path
+    inconclusive: list[str] = field(default_factory=list)  # tasks whose grade is not known yet (not awarded)
+    error: str = ""  # why, for a grader-error or a rejected submission
+
+
+class PreflightFailed(RuntimeError):
+    """The lab's reference solution did not get full marks here: grading the class would not be right."""
 
 
 def source_path(lab: str) -> Path:
@@ -68,7 +81,8 @@ BACKENDS = ("local", "ray")
 def autograde(lab: str, submissions_dir: Path, out: Path, workers: int | None = 2, sandbox: str = "bwrap",
               limits: Limits = Limits(), seed: int | None = None, progress: bool = True,
               force: bool = False, results_dir: Path | None = None, backend: str = "local",
-              ray_address: str | None = None, due=None) -> list[Outcome]:
+              ray_address: str | None = None, due=None, preflight: bool = True,
+              retry_inconclusive: bool = False) -> list[Outcome]:
     """Grade every submission of `lab` under `submissions_dir`; write results, gradebook and feedback to `out`.
 
     Under `out`: `autograded/<student>/<lab>/<lab>.ipynb` and `feedback/<student>/<lab>/<lab>.html`
@@ -82,6 +96,10 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int | None = 
 
     `workers`: submissions graded at once (local: default 2; ray: default as many as the
     cluster's resources allow). `sandbox`: how learner code is isolated (`grader.sandbox`).
+
+    `preflight`: first grade the lab's reference solution the same way (`run_preflight`); raise
+    `PreflightFailed`, having written nothing, unless it gets full marks. `retry_inconclusive`:
+    also regrade the submissions that have an inconclusive task (a plain re-run skips them).
     """
     from .feedback import write_feedback
     from .gradebook import record
@@ -111,20 +129,36 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int | None = 
         fp = fingerprint(sub, source)
         if not force and result_path.is_file():
             old = json.loads(result_path.read_text())
-            if old.get("fingerprint") == fp and old.get("status") in ("graded", "rejected"):
-                outcomes.append(Outcome(sub.student, "skipped", old["points"], old["max_points"], result_path))
+            retry = retry_inconclusive and old.get("inconclusive")
+            if old.get("fingerprint") == fp and old.get("status") in ("graded", "rejected") and not retry:
+                outcomes.append(Outcome(sub.student, "skipped", old["points"], old["max_points"], result_path,
+                                        old.get("inconclusive", []), old.get("error", "")))
                 continue
         jobs.append({"lab": lab, "student": sub.student, "submission": str(sub.path), "source": str(source),
                      "fingerprint": fp, "timestamp": sub.timestamp, "sandbox": sandbox,
                      "limits": dataclasses.asdict(limits), "seed": seed, "result": str(result_path),
                      "executed": str(out / "autograded" / sub.student / lab / f"{lab}.ipynb"),
                      "workdir": str(out)})
-    if backend == "ray":
-        from .ray_backend import run_jobs_ray
+    ray_started = False
+    if backend == "ray" and jobs:
+        from .ray_backend import connect
 
-        outcomes += run_jobs_ray(jobs, lab, workers, limits, progress, ray_address)
-    else:
-        outcomes += run_jobs(jobs, workers or 2, limits, progress)
+        ray_started = connect(ray_address)  # once, for the preflight and the class
+    try:
+        if preflight and jobs:
+            run_preflight(lab, source, results_dir.parent / "preflight" / lab, sandbox, limits, backend,
+                          ray_address, out, progress)
+        if backend == "ray":
+            from .ray_backend import run_jobs_ray
+
+            outcomes += run_jobs_ray(jobs, lab, workers, limits, progress, ray_address)
+        else:
+            outcomes += run_jobs(jobs, workers or 2, limits, progress)
+    finally:
+        if ray_started:
+            import ray
+
+            ray.shutdown()
     results = [_with_timing(o.result_path, subs, due) for o in outcomes]
     record(out / "gradebook.db", lab, notebook.read(source), results, due=due)
     for r in results:
@@ -149,19 +183,125 @@ def _with_timing(result_path: Path, subs: list[Submission], due) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- the preflight: the reference, graded first
+
+PREFLIGHT_STUDENT = "preflight-reference"
+
+
+def preflight_key(lab: str, source: Path, sandbox: str, limits: Limits, backend: str,
+                  ray_address: str | None) -> str:
+    """What a preflight's verdict depends on: the lab's source, the grader's code and thresholds, the
+    runtime's code, this machine, the sandbox and the limits. Equal keys: the cached verdict stands."""
+    from .catalogue import REPO_ROOT
+
+    h = hashlib.sha256()
+    h.update(source.read_bytes())
+    h.update(GRADER_VERSION.encode())
+    here = Path(__file__).resolve().parent
+    runtime = Path(importlib_origin("inferlab")).parent
+    for folder, patterns in ((here, ("**/*.py", "thresholds/*.json")), (runtime, ("**/*.py",))):
+        for pattern in patterns:
+            for path in sorted(folder.glob(pattern)):
+                h.update(str(path.relative_to(folder)).encode())
+                h.update(path.read_bytes())
+    cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               "") if Path("/proc/cpuinfo").is_file() else ""
+    machine = [socket.gethostname(), platform.machine(), cpu, str(len(os.sched_getaffinity(0))), sys.version,
+               sandbox, backend, ray_address or "", json.dumps(dataclasses.asdict(limits), sort_keys=True),
+               str(REPO_ROOT)]
+    h.update("\n".join(machine).encode())
+    return h.hexdigest()
+
+
+def importlib_origin(package: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    return spec.origin if spec and spec.origin else ""
+
+
+def preflight_problems(result: dict) -> list[str]:
+    """What kept the reference from full marks, one line per thing ([] when it got them)."""
+    if result.get("status") != "graded":
+        return [f"{result.get('status')}: {str(result.get('error', ''))[:600]}"]
+    problems = [f"{notebook.task_of(t['cell']) or t['cell']}: {t.get('message') or 'no points'}"[:600]
+                for t in result.get("tasks", []) if t["points"] < t["max_points"]]
+    if not problems and result.get("points", 0) < result.get("max_points", 0):
+        problems.append(f"{result.get('points')} of {result.get('max_points')} points")
+    return problems
+
+
+def run_preflight(lab: str, source: Path, folder: Path, sandbox: str, limits: Limits, backend: str,
+                  ray_address: str | None, out: Path, progress: bool = False) -> dict:
+    """Grade the lab's reference solution as a submission, here, exactly as the class will be graded.
+
+    Raises `PreflightFailed` unless it gets full marks. An inconclusive timing counts as not full, and
+    is retried once. A passing verdict is cached in `folder` for this lab source, grader code, machine,
+    sandbox and limits, so a re-run into the same output folder does not grade the reference again."""
+    import nbformat
+
+    from .samples import solved
+
+    key = preflight_key(lab, source, sandbox, limits, backend, ray_address)
+    cache = folder / "preflight.json"
+    if cache.is_file():
+        try:
+            old = json.loads(cache.read_text())
+        except ValueError:
+            old = {}
+        if old.get("key") == key and old.get("passed"):
+            return old["result"]
+    folder.mkdir(parents=True, exist_ok=True)
+    submission = folder / "submitted" / f"{lab}.ipynb"
+    submission.parent.mkdir(exist_ok=True)
+    nbformat.write(solved(lab), str(submission))
+    job = {"lab": lab, "student": PREFLIGHT_STUDENT, "submission": str(submission), "source": str(source),
+           "fingerprint": hashlib.sha256(submission.read_bytes()).hexdigest(), "timestamp": None, "sandbox": sandbox,
+           "limits": dataclasses.asdict(limits), "seed": None, "result": str(folder / "result.json"),
+           "executed": str(folder / "autograded" / f"{lab}.ipynb"), "workdir": str(out)}
+    for attempt in (1, 2):
+        if backend == "ray":
+            from .ray_backend import run_jobs_ray
+
+            run_jobs_ray([job], lab, 1, limits, progress, ray_address, desc=f"preflight: {lab}'s reference")
+        else:
+            run_jobs([job], 1, limits, progress, desc=f"preflight: {lab}'s reference")
+        result = json.loads(Path(job["result"]).read_text())
+        problems = preflight_problems(result)
+        if not problems:
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "passed": True, "result": result}, indent=1, default=str))
+            tmp.replace(cache)
+            return result
+        only_inconclusive = result.get("status") == "graded" and result.get("inconclusive") and all(
+            t.get("inconclusive") for t in result.get("tasks", []) if t["points"] < t["max_points"])
+        if not only_inconclusive:
+            break
+    cache.unlink(missing_ok=True)
+    raise PreflightFailed(
+        f"preflight: the reference solution of {lab} did not get full marks here ({result.get('points', 0):g} of "
+        f"{result.get('max_points', 0):g}), so the class's grades would not be right; nothing was graded or "
+        "written to the gradebook. What failed:\n  " + "\n  ".join(problems)
+        + f"\nThe reference's result: {job['result']}. Fix the cause and run the same command again "
+        "(or grade anyway with --no-preflight).")
+
+
 def hard_limit_s(limits: Limits) -> float:
     """How long one grading worker may run: the notebook's own limit, plus kernel start, scoring,
-    writing, and a timed task's own stage."""
-    return limits.wall_s + 180 + TimedTask.max_seconds
+    writing, and a timed task's own stage (with its wait for a core of its own)."""
+    from .perf_stage import CORE_WAIT_S
+
+    return limits.wall_s + 180 + TimedTask.max_seconds + CORE_WAIT_S
 
 
-def run_jobs(jobs: list[dict], workers: int, limits: Limits, progress: bool) -> list[Outcome]:
+def run_jobs(jobs: list[dict], workers: int, limits: Limits, progress: bool, desc: str | None = None) -> list[Outcome]:
     """Run each job in its own `python -m grader.grade_one` process, at most `workers` at a time."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), desc="grading", unit="submission", disable=not progress or not jobs)
+    desc = desc or (f"grading {jobs[0]['lab']}" if jobs else "grading")
+    bar = tqdm(total=len(jobs), desc=desc, unit="submission", disable=not progress or not jobs)
     pending, running, done = list(jobs), {}, []
     # On top of the notebook's own limit: kernel start, scoring, writing, and a timed task's own stage.
     hard_limit = hard_limit_s(limits)
@@ -201,7 +341,8 @@ def _outcome(job: dict, returncode: int, stderr: str, overdue: bool, reason: str
                                     "error": f"{reason}; regrade with the same command. {stderr}".strip(),
                                     "tasks": [], "checks": [], "points": 0.0, "max_points": 0.0}, indent=1))
     result = json.loads(path.read_text())
-    return Outcome(job["student"], result["status"], result["points"], result["max_points"], path)
+    return Outcome(job["student"], result["status"], result["points"], result["max_points"], path,
+                   result.get("inconclusive", []), result.get("error", ""))
 
 
 def _exit(returncode: int) -> str:

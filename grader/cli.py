@@ -192,23 +192,41 @@ def calibrate(lab: str, out: Path, profile: str | None) -> None:
               help="Address-space limit of a submission's kernel.")
 @click.option("--gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per submission (bwrap binds /dev/nvidia*; docker: --gpus).")
 @click.option("--force", is_flag=True, help="Regrade even submissions that are unchanged since the last run.")
+@click.option("--retry-inconclusive", is_flag=True,
+              help="Also regrade the submissions with an inconclusive task (a plain re-run skips them as graded).")
+@click.option("--no-preflight", is_flag=True,
+              help="Skip grading the lab's reference solution first (the preflight): grade even if this machine or "
+                   "sandbox cannot give the reference full marks.")
 @click.option("--due", default=None, metavar="TIME",
               help="The lab's due date (2026-11-23T17:00, local time unless a zone is given); default with --course: "
                    "the course's track start (`inferlab track start TRACK --course DIR`) plus the lab's due offset.")
 def autograde(lab: str, submissions: Path | None, out: Path, course: Path | None, workers: int | None,
               backend: str, ray_address: str | None, sandbox: str, timeout: float, memory_mb: int, gpus: int,
-              force: bool, due: str | None) -> None:
+              force: bool, retry_inconclusive: bool, no_preflight: bool, due: str | None) -> None:
     """Grade every submission of LAB in a sandbox, in parallel; scores go to nbgrader's gradebook.
+
+    First the lab's reference solution is graded here, in the same sandbox (the preflight); unless
+    it gets full marks, nothing is graded (cached per output folder, lab source, grader and machine).
+    A timed task that could not be timed reliably is inconclusive: not awarded, not a zero, marked
+    in the gradebook as needing a grade; regrade with --retry-inconclusive.
+
+    \b
+    Exit status:
+      0  every submission graded (or rejected with a reason)
+      1  bad input, or a grader error (named; the next run regrades those)
+      3  some task is inconclusive (named; regrade with --retry-inconclusive)
+      4  the preflight failed: the reference did not get full marks; nothing was written
 
     \b
     Examples:
       inferlab autograde kv_cache --submissions course/submitted --workers 2 --out grading-output
       inferlab autograde kv_cache --course .    # on the hub, in the course directory
+      inferlab autograde kv_cache --course . --retry-inconclusive   # regrade timings that were inconclusive
       inferlab autograde kv_cache --course /srv/course --backend ray --ray-address auto   # on a Ray cluster
     """
     need_extra("nbgrader", "lab")
+    from .autograde import PreflightFailed, source_path
     from .autograde import autograde as run_autograde
-    from .autograde import source_path
     from .sandbox import Limits
     from .submissions import discover
 
@@ -236,19 +254,37 @@ def autograde(lab: str, submissions: Path | None, out: Path, course: Path | None
             need_extra("ray", "cluster")
         outcomes = run_autograde(lab, submissions, target, workers=workers, sandbox=sandbox,
                                  limits=Limits(wall_s=timeout, memory_mb=memory_mb, gpus=gpus), force=force,
-                                 results_dir=results_dir, backend=backend, ray_address=ray_address, due=due_at)
+                                 results_dir=results_dir, backend=backend, ray_address=ray_address, due=due_at,
+                                 preflight=not no_preflight, retry_inconclusive=retry_inconclusive)
+    except PreflightFailed as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(4)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise click.ClickException(str(err)) from None
-    width = max(len(o.student) for o in outcomes)
+    width = max((len(o.student) for o in outcomes), default=0)
     for o in outcomes:
-        click.echo(f"  {o.student:<{width}}  {o.points:>5g} / {o.max_points:<5g} {o.status}")
+        if o.status == "grader-error":
+            click.echo(f"  {o.student:<{width}}      - / {o.max_points:<5g} grader-error: {o.error.splitlines()[0][:160]}"
+                       if o.error else f"  {o.student:<{width}}      - / {o.max_points:<5g} grader-error")
+            continue
+        note = f" (inconclusive: {', '.join(o.inconclusive)}; not graded yet)" if o.inconclusive else ""
+        click.echo(f"  {o.student:<{width}}  {o.points:>5g} / {o.max_points:<5g} {o.status}{note}")
     if course is not None:
         click.echo(f"wrote {course}/autograded, {course}/feedback, {course / 'gradebook.db'} and {results_dir}")
     else:
         click.echo(f"wrote {target} (results/, autograded/, feedback/, gradebook.db)")
-    errors = [o.student for o in outcomes if o.status == "grader-error"]
+    errors = [o for o in outcomes if o.status == "grader-error"]
     if errors:
-        raise click.ClickException(f"grading failed for {', '.join(errors)}; see the results JSON of each, then rerun")
+        named = "; ".join(f"{o.student} ({o.error.splitlines()[0][:200] if o.error else 'no reason recorded'})"
+                          for o in errors)
+        raise click.ClickException(f"grading failed for {named}. A grader error is not the learner's: nothing was "
+                                   "recorded for them; see the results JSON of each, then rerun")
+    unknown = [o for o in outcomes if o.inconclusive]
+    if unknown:
+        names = "; ".join(f"{o.student} ({', '.join(o.inconclusive)})" for o in unknown)
+        click.echo(f"Inconclusive timings, not graded yet (marked as needing a grade in the gradebook): {names}; "
+                   f"regrade them with `inferlab autograde {lab} ... --retry-inconclusive`", err=True)
+        sys.exit(3)
 
 
 @main.command()
@@ -285,15 +321,17 @@ def report(results: Path, track_name: str | None, out: Path) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=10), default=150, show_default=True,
               help="Wall-time limit per submission, in seconds (kv_cache's 'loop' sample uses all of it).")
-def demo(track_name: str, lab: str | None, out: Path, workers: int, timeout: float) -> None:
+@click.option("--no-preflight", is_flag=True, help="Do not grade each lab's reference first (see autograde --help).")
+def demo(track_name: str, lab: str | None, out: Path, workers: int, timeout: float, no_preflight: bool) -> None:
     """Autograde a bundled sample class and write the instructor reports (what `make demo` runs).
 
     By default the quick track's class: six learners' hand-ins of gpu_basics, kv_cache,
     continuous_batching and roi (right, slow, wrong, partial, missing, a patched timer), graded
     in the bubblewrap sandbox as `inferlab autograde --course` grades a class, with due dates
     from the track. Prints awarded against expected points per learner and lab; exits non-zero
-    if any grade or anti-cheat flag differs from what a careful human grader would give. A
-    re-run regrades only what changed.
+    if any grade or anti-cheat flag differs from what a careful human grader would give (1), or if a
+    timing stayed inconclusive after one regrade (3), or if a lab's reference did not get full
+    marks first (4: the preflight, as in autograde). A re-run regrades only what changed.
 
     \b
     Examples:
@@ -303,6 +341,7 @@ def demo(track_name: str, lab: str | None, out: Path, workers: int, timeout: flo
     need_extra("nbgrader", "lab")
     import shutil
 
+    from .autograde import PreflightFailed
     from .demo import run_demo, run_track_demo, table, track_table
     from .tracks import TrackError
 
@@ -311,20 +350,30 @@ def demo(track_name: str, lab: str | None, out: Path, workers: int, timeout: flo
                    "trusted code; install it with `apt-get install bubblewrap` before grading learners)", err=True)
     try:
         if lab:
-            rows, page, grades = run_demo(out, lab, workers=workers, timeout_s=timeout)
+            rows, page, grades = run_demo(out, lab, workers=workers, timeout_s=timeout, preflight=not no_preflight)
             click.echo(table(rows))
             click.echo(f"wrote {page}, {grades} and {out / 'grading' / lab} (results, feedback, gradebook.db)")
             wrong = [r.sample for r in rows if not r.agrees]
+            unknown = [f"{r.sample} ({', '.join(r.inconclusive)})" for r in rows if r.inconclusive]
         else:
-            hands, page, grades = run_track_demo(out, track_name, workers=workers, timeout_s=timeout)
+            hands, page, grades = run_track_demo(out, track_name, workers=workers, timeout_s=timeout,
+                                                 preflight=not no_preflight)
             click.echo(track_table(hands))
             click.echo(f"wrote {page} (track report), {grades}, {out / 'reports'} (one report per lab) and "
                        f"{out / 'course'} (the nbgrader course: submitted/, autograded/, feedback/, gradebook.db)")
             wrong = [f"{h.learner}/{h.lab}" for h in hands if not h.agrees]
+            unknown = [f"{h.learner}/{h.lab} ({', '.join(h.inconclusive)})" for h in hands if h.inconclusive]
+    except PreflightFailed as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(4)
     except (ValueError, FileNotFoundError, RuntimeError, TrackError) as err:
         raise click.ClickException(str(err)) from None
     if wrong:
         raise click.ClickException(f"not graded as expected: {', '.join(wrong)}; see the results under {out}")
+    if unknown:
+        click.echo(f"inconclusive after one regrade (this machine was too busy to time them reliably): "
+                   f"{', '.join(unknown)}; run the demo again on a quieter machine", err=True)
+        sys.exit(3)
 
 
 @main.group()

@@ -2,19 +2,28 @@
 
 The samples (samples/<lab>.py) are the known kinds of learner work, each with the grade a
 careful human grader would give; the demo grades them exactly as `inferlab autograde` grades a
-class, writes the report and grades.csv, and prints expected against awarded points.
+class (the reference first, as the preflight), writes the report and grades.csv, and prints
+expected against awarded points. A submission left with an inconclusive timing is regraded once
+before the table is printed; one still inconclusive then is shown as such, not as a grade.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import notebook, samples
 from .autograde import autograde
 from .report import flags_of, write_report
 from .sandbox import Limits
+
+
+def agrees(awarded: dict[str, float], expected: dict[str, float], inconclusive: list[str], flagged: bool,
+           expected_flagged: bool) -> bool:
+    """Awarded points equal the expected ones on every task with a verdict, and the flags match."""
+    known = lambda points: {t: p for t, p in points.items() if t not in inconclusive}  # noqa: E731
+    return known(awarded) == known(expected) and flagged == expected_flagged
 
 
 @dataclass
@@ -26,14 +35,25 @@ class Row:
     flags: list[str]
     expected_flagged: bool
     seconds: float
+    inconclusive: list[str] = field(default_factory=list)  # tasks not graded yet, even after one regrade
 
     @property
     def agrees(self) -> bool:
-        return self.awarded == self.expected and bool(self.flags) == self.expected_flagged
+        return agrees(self.awarded, self.expected, self.inconclusive, bool(self.flags), self.expected_flagged)
+
+
+def grade_class(lab: str, submissions: Path, out: Path, **kw) -> list:
+    """autograde, then once more for the submissions left with an inconclusive timing (a busy moment
+    passes; a machine that stays too busy leaves them inconclusive, and the table says so)."""
+    outcomes = autograde(lab, submissions, out, **kw)
+    if any(o.inconclusive for o in outcomes):
+        again = {o.student: o for o in autograde(lab, submissions, out, **kw, retry_inconclusive=True)}
+        outcomes = [again.get(o.student, o) for o in outcomes]
+    return outcomes
 
 
 def run_demo(out: Path, lab: str = "kv_cache", workers: int = 2, timeout_s: float = 150.0,
-             sandbox: str | None = None, progress: bool = True) -> tuple[list[Row], Path, Path]:
+             sandbox: str | None = None, progress: bool = True, preflight: bool = True) -> tuple[list[Row], Path, Path]:
     """Grade the bundled samples of `lab` into `out`; returns one row per sample and the report paths.
 
     A re-run regrades nothing that is unchanged (autograde's resume).
@@ -44,8 +64,8 @@ def run_demo(out: Path, lab: str = "kv_cache", workers: int = 2, timeout_s: floa
     definitions = samples.definitions(lab)
     samples.build(lab, out / "submissions")
     grading = out / "grading" / lab
-    outcomes = autograde(lab, out / "submissions", grading, workers=workers, sandbox=sandbox,
-                         limits=Limits(wall_s=timeout_s), progress=progress)
+    outcomes = grade_class(lab, out / "submissions", grading, workers=workers, sandbox=sandbox,
+                           limits=Limits(wall_s=timeout_s), progress=progress, preflight=preflight)
     page, grades = write_report(grading, out)
     rows = []
     for o in outcomes:
@@ -53,16 +73,18 @@ def run_demo(out: Path, lab: str = "kv_cache", workers: int = 2, timeout_s: floa
         spec = definitions[o.student]
         awarded = {notebook.task_of(t["cell"]): t["points"] for t in result.get("tasks", [])}
         rows.append(Row(o.student, {k: float(v) for k, v in spec["expected"].items()}, awarded, result["status"],
-                        flags_of(result), spec["flags"], float(result.get("seconds", 0.0))))
+                        flags_of(result), spec["flags"], float(result.get("seconds", 0.0)),
+                        list(result.get("inconclusive", []))))
     return rows, page, grades
 
 
 def table(rows: list[Row]) -> str:
     tasks = sorted({t for r in rows for t in r.expected})
     head = ["sample", *tasks, "points", "expected", "flagged", "seconds", "as expected"]
-    body = [[r.sample, *(f"{r.awarded.get(t, 0):g}" for t in tasks), f"{sum(r.awarded.values()):g}",
-             f"{sum(r.expected.values()):g}", "yes" if r.flags else "no", f"{r.seconds:.0f}",
-             "yes" if r.agrees else "NO"] for r in rows]
+    body = [[r.sample, *("?" if t in r.inconclusive else f"{r.awarded.get(t, 0):g}" for t in tasks),
+             f"{sum(r.awarded.values()):g}", f"{sum(r.expected.values()):g}", "yes" if r.flags else "no",
+             f"{r.seconds:.0f}", ("NO" if not r.agrees else f"inconclusive ({', '.join(r.inconclusive)})"
+                                  if r.inconclusive else "yes")] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [head, *body]]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
@@ -83,10 +105,11 @@ class Hand:
     expected_flagged: bool
     late_by_s: float | None
     time_on_task_s: float | None
+    inconclusive: list[str] = field(default_factory=list)
 
     @property
     def agrees(self) -> bool:
-        return self.awarded == self.expected and bool(self.flags) == self.expected_flagged
+        return agrees(self.awarded, self.expected, self.inconclusive, bool(self.flags), self.expected_flagged)
 
 
 def class_definition(track: str) -> dict:
@@ -145,7 +168,7 @@ def write_course(out: Path, track: str, definition: dict | None = None) -> tuple
 
 def run_track_demo(out: Path, track: str = "quick", workers: int = 2, timeout_s: float = 150.0,
                    sandbox: str | None = None, progress: bool = True,
-                   definition: dict | None = None) -> tuple[list[Hand], Path, Path]:
+                   definition: dict | None = None, preflight: bool = True) -> tuple[list[Hand], Path, Path]:
     """Grade a track's bundled sample class, lab by lab, as `inferlab autograde --course` grades a class;
     write each lab's report and the track's report. A re-run regrades nothing that is unchanged."""
     import json
@@ -162,9 +185,9 @@ def run_track_demo(out: Path, track: str = "quick", workers: int = 2, timeout_s:
             continue
         definitions = samples.definitions(entry.lab)
         results_dir = course / "autograde-results" / entry.lab
-        outcomes = autograde(entry.lab, course / "submitted", course, workers=workers, sandbox=sandbox,
-                             limits=Limits(wall_s=timeout_s), progress=progress, results_dir=results_dir,
-                             due=tracks.due_date(course, entry.lab))
+        outcomes = grade_class(entry.lab, course / "submitted", course, workers=workers, sandbox=sandbox,
+                               limits=Limits(wall_s=timeout_s), progress=progress, results_dir=results_dir,
+                               due=tracks.due_date(course, entry.lab), preflight=preflight)
         write_report(results_dir, out / "reports" / entry.lab)
         for o in outcomes:
             result = json.loads(o.result_path.read_text())
@@ -172,7 +195,8 @@ def run_track_demo(out: Path, track: str = "quick", workers: int = 2, timeout_s:
             awarded = {notebook.task_of(t["cell"]): t["points"] for t in result.get("tasks", [])}
             hands.append(Hand(o.student, entry.lab, handed[entry.lab][o.student],
                               {k: float(v) for k, v in spec["expected"].items()}, awarded, result["status"],
-                              flags_of(result), spec["flags"], result.get("late_by_s"), result.get("time_on_task_s")))
+                              flags_of(result), spec["flags"], result.get("late_by_s"), result.get("time_on_task_s"),
+                              list(result.get("inconclusive", []))))
     grading_root = out / "grading"
     grading_root.mkdir(exist_ok=True)
     for lab in handed:  # the track report reads <root>/<lab>/results
@@ -198,6 +222,8 @@ def track_table(hands: list[Hand]) -> str:
             text += " flagged"
         if h.late_by_s:
             text += f" late {h.late_by_s / 60:.0f}m"
+        if h.inconclusive:
+            text += f" ({', '.join(h.inconclusive)} inconclusive)"
         return text + ("" if h.agrees else " NOT AS EXPECTED")
 
     head = ["learner", *labs]

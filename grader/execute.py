@@ -115,6 +115,7 @@ class Execution:
     output_truncated: bool = False
     error: str = ""
     kernel_log: str = ""
+    failed_to_run: bool = False  # the kernel or the client failed for a reason of their own (not a time limit, not a crash)
 
 
 class LimitedClient(NotebookClient):
@@ -186,6 +187,7 @@ def execute(nb, backend: str, limits: Limits, workdir: Path | None = None) -> Ex
                 result.error = "the kernel died (a crash, or out of memory) while running a cell"
         except Exception as err:  # kernel failed to start, sandbox missing...
             result.error = f"{type(err).__name__}: {err}"
+            result.failed_to_run = True
         finally:
             watchdog.cancel()
             _kill(km)
@@ -197,6 +199,41 @@ def execute(nb, backend: str, limits: Limits, workdir: Path | None = None) -> Ex
             result.error = f"the submission ran past the time limit of {limits.wall_s:.0f} s"
         result.output_truncated = client.truncated
         return result
+
+
+# An import of the grader's own packages that fails means the sandbox cannot see them: nothing a learner did.
+GRADER_PACKAGES = re.compile(r"No module named '(grader|inferlab)(\.[\w.]+)?'")
+
+
+def grader_fault(run: Execution) -> str:
+    """Why this run says nothing about the learner's work (the grader's environment failed), or ''.
+
+    * a cell of the lab's own (setup, a hidden test) could not import `grader` or `inferlab`;
+    * a cell of the lab's own failed before any of the learner's cells ran;
+    * the kernel could not be run at all (not a time limit, not a crash) before any learner cell ran.
+    A learner's own cells never count: an error there is theirs."""
+    learner_started = False
+    for c in run.notebook.cells:
+        if c.cell_type != "code":
+            continue
+        meta = c.metadata.get("nbgrader", {})
+        ours = bool(notebook.grade_id(c)) and not meta.get("solution")
+        if not ours:
+            learner_started = learner_started or c.metadata.get("inferlab", {}).get("completed", False) or bool(c.outputs)
+            continue
+        for out in c.get("outputs", []):
+            if out.get("output_type") != "error":
+                continue
+            said = f"{out.get('ename')}: {out.get('evalue')}"
+            where = f"(in the lab's cell {notebook.grade_id(c)!r})"
+            if out.get("ename") in ("ModuleNotFoundError", "ImportError") and GRADER_PACKAGES.search(str(out.get("evalue"))):
+                return (f"the sandbox could not import the grader: {said} {where}; check that the grader's packages "
+                        "are visible inside the sandbox (`inferlab doctor`), then regrade")
+            if not learner_started:
+                return f"the lab's own setup failed before any of the learner's code ran: {said} {where}"
+    if run.failed_to_run and not learner_started:
+        return f"the submission's kernel could not be run: {run.error}"
+    return ""
 
 
 def _kill(km) -> None:

@@ -24,8 +24,8 @@ def task_rows(result: dict) -> list[dict]:
         if "threshold" in measured:
             value = next((v for k, v in measured.items() if k.startswith("speedup")), None)
             perf = f"{value}x (bar {measured['threshold']}x, {measured.get('profile', '')})"
-        rows.append({"task": task, "points": t["points"], "max_points": t["max_points"],
-                     "status": check.get("status", "passed" if t["passed"] else "failed"),
+        status = "inconclusive" if t.get("inconclusive") else check.get("status", "passed" if t["passed"] else "failed")
+        rows.append({"task": task, "points": t["points"], "max_points": t["max_points"], "status": status,
                      "performance": perf, "message": check.get("message") or ("" if t["passed"] else t["message"])})
     return rows
 
@@ -38,6 +38,10 @@ def render(lab: str, result: dict, executed_html: str = "") -> str:
         head += f"<p class='error'><b>Not graded ({esc(result['status'])}):</b> {esc(result.get('error', ''))}</p>"
     elif result.get("error"):
         head += f"<p class='error'><b>Note:</b> {esc(result['error'])}</p>"
+    if result.get("inconclusive"):
+        head += (f"<p class='inconclusive'><b>Not graded yet: {esc(', '.join(result['inconclusive']))}.</b> The grading "
+                 "machine was too busy to time your code reliably, so these points are neither awarded nor lost: "
+                 "your instructor regrades them.</p>")
     rows = "".join(
         f"<tr class='{esc(r['status'].replace(' ', '-'))}'><td>{esc(r['task'])}</td>"
         f"<td>{r['points']:g} / {r['max_points']:g}</td><td>{esc(r['status'])}</td>"
@@ -47,7 +51,7 @@ def render(lab: str, result: dict, executed_html: str = "") -> str:
     style = ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
              ".passed td{background:#eaffea}.failed td,.error td{background:#ffecec}"
-             ".not-attempted td{background:#f4f4f4}.error{color:#a00}</style>")
+             ".not-attempted td{background:#f4f4f4}.inconclusive td{background:#fff6d9}.error{color:#a00}</style>")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(lab)} feedback</title>{style}</head>"
             f"<body>{head}{table}<hr>{executed_html}</body></html>")
 

@@ -7,7 +7,6 @@ It writes the executed notebook and a result JSON; it never touches the gradeboo
 
 from __future__ import annotations
 
-import importlib
 import json
 import secrets
 import sys
@@ -18,8 +17,8 @@ from pathlib import Path
 
 import nbformat
 
-from . import notebook, perf_stage, verify_stage
-from .execute import SubmissionError, execute, load_submission, prepare, score
+from . import check_stage, labs, notebook, perf_stage, verify_stage
+from .execute import SubmissionError, execute, grader_fault, load_submission, prepare, score
 from .sandbox import Limits
 
 
@@ -38,15 +37,33 @@ def grade_one(job: dict) -> dict:
         return result
     nb, seeds = prepare(source, submitted, job.get("seed"))
     run = execute(nb, job["sandbox"], Limits(**job["limits"]), Path(job["workdir"]))
-    scored = score(run.notebook)
-    result.update(
-        points=scored.points, tasks=[asdict(t) for t in scored.tasks], checks=[asdict(c) for c in scored.checks],
-        seeds=seeds, timed_out=run.timed_out, kernel_died=run.kernel_died, output_truncated=run.output_truncated,
-        error=run.error, kernel_log=run.kernel_log if run.error else "")
-    # The hidden tests again, in a clean process the learner's code cannot fool (grader.verify_stage).
-    verify_stage.apply(lab, result, run.notebook, job["sandbox"], Limits(**job["limits"]), Path(job["workdir"]))
+    result.update(timed_out=run.timed_out, kernel_died=run.kernel_died, output_truncated=run.output_truncated,
+                  error=run.error, kernel_log=run.kernel_log if run.error else "")
+    fault = grader_fault(run)  # the grader's own environment failed (say, the sandbox cannot import it): no score
+    if fault:
+        result.update(status="grader-error", error=f"{fault}; regrade with the same command once it is fixed")
+        return result
+    if labs.is_package(lab):
+        # The lab's tasks, checked in this process against the answers running in a sandboxed one
+        # (grader.check_stage): no verdict depends on a process that ran learner code.
+        lab_package = labs.load(lab)
+        task_seeds = draw_seeds([t.id for t in lab_package.spec.tasks], job.get("seed"))
+        try:
+            check_stage.apply(lab_package, result, run.notebook, job["sandbox"], Limits(**job["limits"]), task_seeds,
+                              Path(job["workdir"]))
+        except check_stage.GraderFault as err:
+            result.update(status="grader-error", error=f"{err}; regrade with the same command", points=0.0)
+            return result
+        seeds = result["seeds"]
+        spec = lab_package.spec.timed
+    else:
+        scored = score(run.notebook)
+        result.update(points=scored.points, tasks=[asdict(t) for t in scored.tasks],
+                      checks=[asdict(c) for c in scored.checks], seeds=seeds)
+        # The hidden tests again, in a clean process the learner's code cannot fool (grader.verify_stage).
+        verify_stage.apply(lab, result, run.notebook, job["sandbox"], Limits(**job["limits"]), Path(job["workdir"]))
+        spec = getattr(labs.legacy_module(lab), "TIMED", None)
     # A timed task is measured after the notebook, in separate processes (see grader.perf_stage).
-    spec = getattr(importlib.import_module(f"grader.labs.{lab}"), "TIMED", None)
     if spec is not None:
         seed = seeds.get(spec.gate, secrets.randbelow(2**31))
         perf_stage.apply(lab, result, run.notebook, source, job["sandbox"], Limits(**job["limits"]), seed,
@@ -56,6 +73,13 @@ def grade_one(job: dict) -> dict:
     nbformat.write(run.notebook, str(executed_path))
     result.update(seconds=round(time.perf_counter() - start, 2), executed=str(executed_path))
     return result
+
+
+def draw_seeds(task_ids: list[str], seed: int | None) -> dict[str, int]:
+    """One grading seed per task: drawn now, or derived from `seed` (to regrade exactly, or in tests)."""
+    if seed is None:
+        return {t: secrets.randbelow(2**31) for t in task_ids}
+    return {t: (seed + i) % 2**31 for i, t in enumerate(task_ids)}
 
 
 def main(argv: list[str]) -> int:

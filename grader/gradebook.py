@@ -1,6 +1,11 @@
 """grader.gradebook: write scores into nbgrader's gradebook, so formgrader and `nbgrader export` work.
 
 Only the batch driver calls this, after every worker has finished: one writer, no races.
+
+Only grades the grader stands by are written. A `grader-error` result (the grader or its
+environment failed) writes nothing: the learner's previous grade, if any, stays. A task whose
+timing was inconclusive gets no score and nbgrader's `needs_manual_grade` flag, so formgrader
+lists the submission as needing grading instead of showing a zero; regrading it clears the flag.
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ def record(db_path: Path, lab: str, source, results: list[dict], due=None) -> No
             gb.update_or_create_source_cell(gid, lab, lab, cell_type=c.cell_type, locked=bool(meta.get("locked")),
                                             source=c.source, checksum=meta.get("checksum"))
         for r in results:
-            if r["status"] not in ("graded", "rejected", "grader-error"):
-                continue
+            if r["status"] not in ("graded", "rejected"):
+                continue  # a grader-error is no grade at all
             gb.update_or_create_student(r["student"])
             try:
                 submission = gb.find_submission(lab, r["student"])
@@ -57,11 +62,15 @@ def record(db_path: Path, lab: str, source, results: list[dict], due=None) -> No
             if r.get("timestamp"):  # formgrader counts a submission as autograded only if the times match
                 submission.timestamp = parse_utc(r["timestamp"])
             by_cell = {t["cell"]: t["points"] for t in r.get("tasks", [])}
+            unknown = {t["cell"] for t in r.get("tasks", []) if t.get("inconclusive")}
             for c in source.cells:
                 meta = c.metadata.get("nbgrader", {})
                 if meta.get("grade"):
-                    grade = gb.find_grade(notebook.grade_id(c), lab, lab, r["student"])
-                    grade.auto_score = float(by_cell.get(notebook.grade_id(c), 0.0))
+                    gid = notebook.grade_id(c)
+                    grade = gb.find_grade(gid, lab, lab, r["student"])
+                    # nbgrader's own rule (SaveAutoGrades): no automatic score, or a human's, needs a look
+                    grade.auto_score = None if gid in unknown else float(by_cell.get(gid, 0.0))
+                    grade.needs_manual_grade = grade.auto_score is None or grade.manual_score is not None
         gb.db.commit()
 
 
@@ -69,3 +78,10 @@ def scores(db_path: Path, lab: str) -> dict[str, float]:
     """Total score per student, read back through nbgrader's own API."""
     with Gradebook(f"sqlite:///{db_path}") as gb:
         return {s.student.id: s.score for s in gb.find_assignment(lab).submissions}
+
+
+def needing_grades(db_path: Path, lab: str) -> dict[str, list[str]]:
+    """Per student, the grade cells flagged as needing a grade (an inconclusive timing, or a human's score)."""
+    with Gradebook(f"sqlite:///{db_path}") as gb:
+        return {s.student.id: sorted(g.name for nb in s.notebooks for g in nb.grades if g.needs_manual_grade)
+                for s in gb.find_assignment(lab).submissions}

@@ -95,6 +95,31 @@ def speedup_over_baseline(candidate: Callable[[], object], baseline: Callable[[]
     return result
 
 
+def fraction_of_reference_verdict(result: Comparison, tampered: list[str], bar: dict[str, Any], baseline: str,
+                                  too_slow: Callable[[float, float, float], str]) -> dict[str, Any]:
+    """A timed task's verdict from one interleaved run: the learner's speedup over `baseline` as a fraction of the
+    reference's in the same run, against `bar["min_fraction_of_reference"]`. Every lab words its own advice:
+    `too_slow(speedup, reference_speedup, fraction)` says what to do when the bar is missed."""
+    from .checks import CheckFailed
+
+    speedup, reference = result.speedup("candidate"), result.speedup("reference")
+    fraction = speedup / reference
+    measured = {f"speedup_vs_{baseline}": round(speedup, 2),
+                "ci95": [round(result.ratios["candidate"]["ci_low"], 2), round(result.ratios["candidate"]["ci_high"], 2)],
+                # in speedup units for this run, so reports can plot it next to the speedup
+                "threshold": round(bar["min_fraction_of_reference"] * reference, 2),
+                f"reference_speedup_vs_{baseline}": round(reference, 2), "fraction_of_reference": round(fraction, 2),
+                "min_fraction_of_reference": bar["min_fraction_of_reference"], "profile": bar["profile"],
+                "rounds": result.rounds, "stable": result.stable}
+    if tampered:
+        raise CheckFailed(f"your code replaced timing functions ({', '.join(tampered)}); the grader's own clock "
+                          "was not affected, but such code is flagged for your instructor: remove it",
+                          tampering=", ".join(tampered), **measured)
+    if fraction < bar["min_fraction_of_reference"]:
+        raise CheckFailed(too_slow(speedup, reference, fraction), **measured)
+    return measured
+
+
 class ClockTampered(RuntimeError):
     """Timing functions were replaced: a performance number measured now would be meaningless."""
 

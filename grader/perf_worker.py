@@ -52,6 +52,13 @@ def module_state() -> dict[str, int]:
                     state[f"{name}.{key}.{attr}"] = id(member)
             if ours and callable(value) and hasattr(value, "__code__"):
                 state[f"{name}.{key}.__code__"] = id(value.__code__)
+    torch = sys.modules.get("torch")
+    if torch is not None:  # tensor methods: a patched comparison or arithmetic changes what any check computes
+        resolved: dict[str, object] = {}
+        for klass in reversed(torch.Tensor.__mro__):  # as attribute lookup resolves them: the subclass wins
+            resolved.update(vars(klass))
+        for attr, member in resolved.items():
+            state[f"torch.Tensor.{attr}"] = id(member)
     return state
 
 

@@ -135,7 +135,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
 
 
 def run_jobs_ray(jobs: list[dict], lab: str, workers: int | None, limits: Limits, progress: bool,
-                 address: str | None = None) -> list:
+                 address: str | None = None, desc: str | None = None) -> list:
     """Run each job as a Ray task; at most `workers` in flight (None: as many as Ray can place)."""
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -153,7 +153,8 @@ def run_jobs_ray(jobs: list[dict], lab: str, workers: int | None, limits: Limits
         task = ray.remote(max_retries=RETRIES, **resources)(grade_on_node)
         if address is None and resources["num_gpus"] and not ray.cluster_resources().get("GPU"):
             raise RuntimeError("the GPU profile asks each task for a GPU, and this machine has none visible to Ray")
-        bar = tqdm(total=len(jobs), desc="grading (ray)", unit="submission", disable=not progress or not jobs)
+        bar = tqdm(total=len(jobs), desc=desc or f"grading {lab} (ray)", unit="submission",
+                   disable=not progress or not jobs)
         pending, running, done = list(jobs), {}, []
         while pending or running:
             while pending and (workers is None or len(running) < workers):

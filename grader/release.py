@@ -2,14 +2,14 @@
 
 nbgrader's `generate_assignment` does the real work (clears solution regions and hidden
 tests, locks cells, records checksums). We then make each stub name its task, so a
-learner who runs a cell too early reads `NotImplementedError: Task K1 ...` instead of a
+learner who runs a cell too early reads `NotImplementedError: Task KV1 ...` instead of a
 bare error, and copy the result into `labs/`. `check()` regenerates into a temporary
 folder and reports every file of `labs/<lab>/` that differs: the release must never
 drift from its source.
 
 A lab may build on an earlier lab's answers without depending on the learner's: a locked cell
 of its source whose metadata says `{"inferlab": {"given_from": {"lab": "kv_cache", "cells":
-["k1-solution", "k2-solution"]}}}` holds those reference answer cells, generated from that
+["kv1-solution", "kv2-solution"]}}}` holds those reference answer cells, generated from that
 lab's source (solution markers removed), never copied by hand. The release rewrites such a
 cell in the source and in the learner notebook, and `check()` reports one that is stale. The
 code ships inside the later lab's notebook, so a learner gets it with that lab and not
@@ -117,10 +117,44 @@ def generate(lab: str, dest: Path, root: Path = REPO_ROOT) -> Path:
     return dest / lab
 
 
+def platform_problems(lab: str, root: Path = REPO_ROOT) -> list[str]:
+    """For a lab on the v2 platform: where its source notebook contradicts its spec, and whether the stored
+    expected values of its self-checks are those the grading side computes now."""
+    import json
+
+    from . import labs
+
+    if not labs.is_package(lab):
+        return []
+    loaded = labs.load(lab)
+    problems = [f"solutions/{lab}/{lab}.ipynb: {p}" for p in labs.notebook_problems(
+        loaded.spec, notebook.read(root / "solutions" / lab / f"{lab}.ipynb"))]
+    expected = getattr(loaded.grading, "public_expected", None)
+    if expected is not None:
+        path = loaded.directory / "public_expected.json"
+        if not path.is_file() or json.loads(path.read_text()) != expected():
+            problems.append(f"{path.relative_to(REPO_ROOT)} (stale: `inferlab release {lab}` rewrites it)")
+    return problems
+
+
+def write_public_expected(lab: str) -> None:
+    """Store the expected values of a platform lab's public self-check inputs, computed by its grading side."""
+    import json
+
+    from . import labs
+
+    if labs.is_package(lab):
+        loaded = labs.load(lab)
+        expected = getattr(loaded.grading, "public_expected", None)
+        if expected is not None:
+            (loaded.directory / "public_expected.json").write_text(json.dumps(expected(), indent=1) + "\n")
+
+
 def release(lab: str, root: Path = REPO_ROOT, out: Path | None = None) -> Path:
     """Regenerate `labs/<lab>/` (or `out/<lab>/`) from the source; returns the folder written."""
     out = out or root / "labs"
     refresh_given(root / "solutions" / lab / f"{lab}.ipynb", root)  # the source runs the code it releases
+    write_public_expected(lab)
     with tempfile.TemporaryDirectory(prefix="inferlab-release-") as tmp:
         built = generate(lab, Path(tmp), root)
         target = out / lab
@@ -144,7 +178,7 @@ def check(lab: str, root: Path = REPO_ROOT) -> list[str]:
             spec = given_from(cell)
             problems.append(f"solutions/{lab}/{lab}.ipynb cell {grade_id(cell)!r} (stale: it is generated from "
                             f"{spec['lab']}'s {', '.join(spec['cells'])})")
-        return problems
+        return problems + platform_problems(lab, root)
 
 
 def _diff(cmp: filecmp.dircmp, prefix: Path, problems: list[str]) -> None:

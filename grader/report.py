@@ -5,8 +5,10 @@ Input: the `results/*.json` that `autograde` wrote (one folder per lab). Output:
   thresholds, ranked failure reasons and flagged submissions, as plots (inline PNG) and
   tables; it opens from disk in any browser, with no network.
 * `grades.csv`: one row per student with Canvas's gradebook-import columns (`Student`, `ID`,
-  `SIS User ID`, `SIS Login ID`, `Section`, then one column per lab); Moodle's CSV grade
-  import maps the `SIS Login ID` column to the username and each lab column to a grade item.
+  `SIS User ID`, `SIS Login ID`, `Section`, then one column per lab, then `Notes`); Moodle's CSV
+  grade import maps the `SIS Login ID` column to the username and each lab column to a grade item.
+  A grade the grader does not stand by yet (a task whose timing was inconclusive, or a grader
+  error) is left blank, so an import changes nothing, and `Notes` says why.
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ def _png(fig) -> str:
     return f"<img alt='plot' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
 
 
+def not_final(result: dict) -> str:
+    """Why this result's score is not a final grade yet ('' when it is)."""
+    if result["status"] == "grader-error":
+        return "grader error: not graded (the grader failed, not the learner); regrade"
+    if result.get("inconclusive"):
+        return f"{', '.join(result['inconclusive'])} inconclusive: not graded yet; regrade with --retry-inconclusive"
+    return ""
+
+
 def _table(headers: list[str], rows: list[list]) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
@@ -73,7 +84,9 @@ def build(results: list[dict]) -> tuple[str, list[dict]]:
     sections = [f"<h1>inferlab report: {html.escape(lab)}</h1>",
                 f"<p>{len(results)} submissions; {sum(r['status'] == 'graded' for r in results)} graded, "
                 f"{sum(r['status'] == 'rejected' for r in results)} rejected, "
-                f"{sum(r['status'] == 'grader-error' for r in results)} grader errors.</p>"]
+                f"{sum(r['status'] == 'grader-error' for r in results)} grader errors, "
+                f"{sum(bool(r.get('inconclusive')) for r in results)} with an inconclusive timing (not graded "
+                "yet).</p>"]
 
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.hist([r["points"] for r in results], bins=[x - 0.5 for x in range(int(max_points) + 2)], color="#4a7ab5")
@@ -105,17 +118,33 @@ def build(results: list[dict]) -> tuple[str, list[dict]]:
         ax.set_xticks(range(len(by_task)), sorted(by_task))
         ax.set(ylabel="speedup over baseline (x)", title="Performance against thresholds")
         ax.legend()
+        status = {(r["student"], c["task"]): c.get("status", "") for r in results for c in r.get("checks", [])}
         sections += ["<h2>Performance</h2>", _png(fig),
-                     _table(["student", "task", "speedup", "threshold", "profile"],
+                     _table(["student", "task", "speedup", "threshold", "profile", "verdict"],
                             [[s, t, next((v for k, v in m.items() if k.startswith("speedup")), ""), m["threshold"],
-                              m.get("profile", "")] for s, t, m in sorted(perf)])]
+                              m.get("profile", ""), status.get((s, t), "")] for s, t, m in sorted(perf)])]
+
+    unknown = [(r["student"], c) for r in results for c in r.get("checks", []) if c.get("status") == "inconclusive"]
+    sections.append("<h2>Inconclusive timings</h2>")
+    if unknown:
+        sections += ["<p>The grading machine could not time these reliably (the 95% interval straddled the bar, or "
+                     "the time cap ran out): their points are neither awarded nor lost, and the gradebook marks them "
+                     "as needing a grade. Regrade them with <code>inferlab autograde LAB --retry-inconclusive</code>, "
+                     "on a quieter machine if need be.</p>",
+                     _table(["student", "task", "fraction of reference", "95% interval", "bar", "rounds", "why"],
+                            [[s, c["task"], c["measured"].get("fraction_of_reference", "-"),
+                              c["measured"].get("fraction_ci95", "-"), c["measured"].get("min_fraction_of_reference", "-"),
+                              c["measured"].get("rounds", "-"), c["message"][:200]] for s, c in sorted(
+                                  unknown, key=lambda x: (x[0], x[1]["task"]))])]
+    else:
+        sections.append("<p>None: every timed task got a clear verdict.</p>")
 
     reasons = Counter()
     for r in results:
         if r["status"] != "graded":
             reasons[f"{r['status']}: {r.get('error', '')[:100]}"] += 1
         for t in rows[r["student"]]:
-            if t["points"] < t["max_points"] and t["message"]:
+            if t["points"] < t["max_points"] and t["message"] and t["status"] != "inconclusive":
                 reasons[f"{t['task']}: {t['message'].split(':')[0][:100]}"] += 1
     sections += ["<h2>Failure reasons (most common first)</h2>",
                  _table(["reason", "submissions"], reasons.most_common()) if reasons else "<p>None.</p>"]
@@ -127,11 +156,18 @@ def build(results: list[dict]) -> tuple[str, list[dict]]:
     sections += time_on_task_section(lab, results)
 
     grades = [{"Student": r["student"], "ID": r["student"], "SIS User ID": r["student"], "SIS Login ID": r["student"],
-               "Section": "", lab: f"{r['points']:g}"} for r in sorted(results, key=lambda r: r["student"])]
-    sections += ["<h2>Grades</h2>", _table(["student", "status", "score"] + tasks,
+               "Section": "", lab: "" if not_final(r) else f"{r['points']:g}", "Notes": not_final(r)}
+              for r in sorted(results, key=lambda r: r["student"])]
+
+    def task_cell(student: str, task: str) -> str:
+        row = next((t for t in rows[student] if t["task"] == task), None)
+        if row is None:
+            return "-"
+        return "inconclusive" if row["status"] == "inconclusive" else f"{row['points']:g}"
+
+    sections += ["<h2>Grades</h2>", _table(["student", "status", "score"] + tasks + ["not final because"],
                                            [[r["student"], r["status"], f"{r['points']:g} / {r['max_points']:g}"]
-                                            + [next((f"{t['points']:g}" for t in rows[r['student']]
-                                                     if t['task'] == task), "-") for task in tasks]
+                                            + [task_cell(r["student"], task) for task in tasks] + [not_final(r)]
                                             for r in sorted(results, key=lambda r: r["student"])])]
     style = ("<style>body{font-family:sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}</style>")
@@ -229,10 +265,14 @@ def build_track(track_name: str, by_lab: dict[str, list[dict]]) -> tuple[str, li
         for r in by_lab[entry.lab]:
             by_student[r["student"]][entry.lab] = r
     table = [[s] + [(f"{r['points']:g}/{r['max_points']:g}" + (" late" if r.get("late_by_s") else "")
+                     + (f" ({not_final(r).split(':')[0]})" if not_final(r) else "")
                      if (r := by_student[s].get(e.lab)) else "-") for e in labs] for s in students]
     sections += ["<h2>Learners</h2>", _table(["student"] + [e.lab for e in labs], table)]
     grades = [{"Student": s, "ID": s, "SIS User ID": s, "SIS Login ID": s, "Section": "",
-               **{e.lab: (f"{by_student[s][e.lab]['points']:g}" if e.lab in by_student[s] else "") for e in labs}}
+               **{e.lab: (f"{by_student[s][e.lab]['points']:g}" if e.lab in by_student[s]
+                          and not not_final(by_student[s][e.lab]) else "") for e in labs},
+               "Notes": "; ".join(f"{e.lab}: {why}" for e in labs if e.lab in by_student[s]
+                                  and (why := not_final(by_student[s][e.lab])))}
               for s in students]
     style = ("<style>body{font-family:sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}</style>")

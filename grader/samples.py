@@ -1,4 +1,4 @@
-"""grader.samples: build a lab's sample submissions (defined in samples/<lab>.py) as notebooks.
+"""grader.samples: build a lab's sample submissions (grader/labs/<lab>/samples.py, or samples/<lab>.py) as notebooks.
 
 They are generated from the lab's one source, the solution notebook, so they never drift
 from it: a fully solved notebook is the source with hidden tests removed; each variant
@@ -8,6 +8,7 @@ then replaces some answer cells with known-bad code.
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -21,8 +22,16 @@ KINDS = {"samples": ("{lab}.py", "SAMPLES"), "attacks": ("{lab}_attacks.py", "AT
 
 
 def definitions(lab: str, kind: str = "samples") -> dict:
-    """A lab's sample submissions (`samples/<lab>.py`) or attack submissions (`samples/<lab>_attacks.py`)."""
+    """A lab's sample submissions or attack submissions: `grader/labs/<lab>/samples.py` / `attacks.py` for a lab
+    on the platform, `samples/<lab>.py` / `samples/<lab>_attacks.py` for the others."""
+    from . import labs
+
     filename, attribute = KINDS[kind]
+    if labs.is_package(lab):
+        part = {"samples": "samples", "attacks": "attacks"}[kind]
+        if not (labs.LABS_DIR / lab / f"{part}.py").is_file():
+            raise FileNotFoundError(f"lab {lab!r} has no {kind} definitions at grader/labs/{lab}/{part}.py")
+        return getattr(importlib.import_module(f"grader.labs.{lab}.{part}"), attribute)
     path = REPO_ROOT / "samples" / filename.format(lab=lab)
     if not path.is_file():
         raise FileNotFoundError(f"lab {lab!r} has no {kind} definitions at {path}")

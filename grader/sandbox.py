@@ -24,6 +24,7 @@ import glob
 import os
 import shutil
 import site
+import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -97,6 +98,19 @@ def kernel_env(limits: Limits, home: str) -> dict[str, str]:
             "INFERLAB_AUTOGRADE": "1"}
 
 
+def hide_grading_side(private: Path) -> list[str]:
+    """bwrap arguments that put a stub over each lab's grading side (expected values, samples, attacks) and an
+    empty folder over their bytecode caches: learner code can import the labs' public checks, never these."""
+    from .labs import grading_side_paths
+
+    stub = Path(private) / "grading-side-hidden.py"
+    stub.write_text('raise ImportError("the grading side of a lab is not available to learner code")\n')
+    args = []
+    for path in grading_side_paths():
+        args += ["--tmpfs", str(path)] if path.is_dir() else ["--ro-bind", str(stub), str(path)]
+    return args
+
+
 def bwrap_command(inner: list[str], sockets: Path, limits: Limits) -> list[str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
@@ -112,6 +126,7 @@ def bwrap_command(inner: list[str], sockets: Path, limits: Limits) -> list[str]:
             cmd += ["--ro-bind", system, system]
     for root in python_roots():
         cmd += ["--ro-bind", str(root), str(root)]
+    cmd += hide_grading_side(sockets)
     home = "/tmp/home"
     cmd += ["--proc", "/proc", "--dev", "/dev"]
     if limits.gpus:  # the minimal /dev has no GPU: bind the NVIDIA device nodes the driver needs
@@ -147,6 +162,40 @@ def sandboxed(inner: list[str], backend: str, limits: Limits, private: Path,
     if backend == "docker":
         return docker_command(["python", *inner[1:]], private, limits, image)
     return limits.prlimit_args() + inner
+
+
+def start_sandboxed(module: str, backend: str, limits: Limits, private: Path,
+                    cores: set[int] | None = None) -> subprocess.Popen:
+    """`python -m module` in the sandbox, spoken to over its stdin/stdout, in a process group of its own that dies
+    with this process; pinned to `cores` (with everything it starts) when given. `private` is its writable folder."""
+    private = Path(private).resolve()
+    private.mkdir(parents=True, exist_ok=True)
+    os.chmod(private, 0o777)  # the sandboxed user (uid 1000) writes here
+    cmd = sandboxed([sys.executable, "-m", module], backend, limits, private)
+    if backend == "docker" and cores:  # the container's processes are the engine's, not children of ours
+        cmd[2:2] = ["--cpuset-cpus", ",".join(map(str, sorted(cores)))]
+
+    def start() -> None:  # in the child, before exec: the sandbox and everything in it inherit the cores
+        if cores:
+            os.sched_setaffinity(0, cores)
+        die_with_parent()
+
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env=sandbox_env(backend, limits, private), start_new_session=True, preexec_fn=start)
+
+
+def stop_sandboxed(proc: subprocess.Popen) -> None:
+    """Kill the sandbox and anything the code in it started (its whole process group), and close the pipes."""
+    try:
+        os.killpg(proc.pid, 9)  # SIGKILL
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        try:
+            stream.close()
+        except OSError:
+            pass
 
 
 def sandbox_env(backend: str, limits: Limits, private: Path) -> dict[str, str]:

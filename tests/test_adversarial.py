@@ -1,4 +1,4 @@
-"""Attacks on the grader (samples/kv_cache_attacks.py), graded in one batch as a class would be.
+"""Attacks on the grader (grader/labs/kv_cache/attacks.py), graded in one batch as a class would be.
 
 Each attack must get what its honest part deserves, be flagged where it cheated, and leave
 no trace outside its sandbox; every other submission in the batch is graded as usual.
@@ -38,7 +38,8 @@ def graded(tmp_path_factory):
     samples.build(LAB, root / "submitted", ["reference"])  # an honest neighbour in the same batch
     start = time.perf_counter()
     outcomes = autograde(LAB, root / "submitted", root / "out", workers=2, sandbox="bwrap",
-                         limits=Limits(wall_s=150), progress=False)
+                         limits=Limits(wall_s=150), progress=False,
+                         preflight=False)  # the batch has its own honest reference, checked below
     seconds = time.perf_counter() - start
     results = {o.student: json.loads(o.result_path.read_text()) for o in outcomes}
     return results, seconds, traces
@@ -69,26 +70,27 @@ def test_the_honest_neighbour_is_graded_as_usual(graded):
     assert results["reference"]["points"] == 10 and not flags_of(results["reference"])
 
 
-def test_forgeries_are_caught_by_the_clean_re_run(graded):
+def test_forgeries_earn_nothing_and_are_flagged(graded):
+    """Verdicts come from the checker's process: a forged result line, a patched `grade` or `print`, fake checks
+    or pinned random inputs change nothing it computes; what the learner's process replaced is flagged."""
     results, _, _ = graded
-    for name in ("forge-grade", "seed-game"):  # passed in the notebook: refused by the clean re-run
-        k1 = next(t for t in results[name]["tasks"] if t["cell"] == "k1-hidden")
-        assert "not when re-run" in k1["message"] and k1.get("tampering"), (name, k1)
-    fake = next(t for t in results["fake-checks"]["tasks"] if t["cell"] == "k1-hidden")
-    assert "not when re-run" in fake["message"], fake
-    # The patched print rewrote the result line, but the failing check still raised in the cell.
-    assert results["forge-print"]["points"] == 0
-    assert any("interpreter" in f for f in flags_of(results["forge-print"]))
+    for name in ("forge-grade", "forge-print", "fake-checks"):
+        assert results[name]["points"] == 0, name
+    assert "grader.checks.grade" in results["forge-grade"].get("tampered", []), results["forge-grade"].get("tampered")
+    assert "builtins.print" in results["forge-print"].get("tampered", [])
+    # Pinned random inputs do nothing to the checker's draws: the honest answers under them get full marks.
+    assert results["seed-game"]["points"] == 10 and "numpy.random.default_rng" in results["seed-game"]["tampered"]
+    assert any("replaced at run time" in f for f in flags_of(results["seed-game"]))
 
 
 def test_nothing_left_the_sandbox(graded):
     results, _, traces = graded
     assert not [t for t in traces if t.exists()], "a submission wrote outside its sandbox"
-    written = output_of(results["write-outside"], "k3-solution")
+    written = output_of(results["write-outside"], "kv3-solution")
     assert "BLOCKED" in written and "WROTE /tmp/inferlab-pwned" in written  # its own private /tmp only
-    assert "NETWORK: blocked" in output_of(results["network"], "k3-solution")
-    assert "GRADEBOOK FOUND: []" in output_of(results["gradebook"], "k3-solution")
-    assert "SEEDS FOUND: []" in output_of(results["env-snoop"], "k3-solution")
+    assert "NETWORK: blocked" in output_of(results["network"], "kv3-solution")
+    assert "GRADEBOOK FOUND: []" in output_of(results["gradebook"], "kv3-solution")
+    assert "SEEDS FOUND: []" in output_of(results["env-snoop"], "kv3-solution")
 
 
 def test_resource_attacks_are_contained(graded):
@@ -96,14 +98,14 @@ def test_resource_attacks_are_contained(graded):
     import subprocess
 
     results, _, _ = graded
-    forks = output_of(results["fork-bomb"], "k3-solution")
+    forks = output_of(results["fork-bomb"], "kv3-solution")
     if os.geteuid() != 0:  # Linux exempts root from RLIMIT_NPROC, even in a user namespace
         assert "FORK STOPPED" in forks, forks  # the sandbox's process limit held
-    leftover = subprocess.run(["pgrep", "-f", "ipykernel_launcher|grader.perf_worker"], capture_output=True,
+    leftover = subprocess.run(["pgrep", "-f", "ipykernel_launcher|grader.perf_worker|grader.answer_worker"], capture_output=True,
                               text=True).stdout.split()
     assert not leftover, f"processes outlived their sandbox: {leftover}"
     assert results["output-flood"]["output_truncated"]
-    bomb = next(t for t in results["memory-bomb"]["tasks"] if t["cell"] == "k3-hidden")
+    bomb = next(t for t in results["memory-bomb"]["tasks"] if t["cell"] == "kv3-hidden")
     assert not bomb["passed"]
     executed = notebook.read(results["memory-bomb"]["executed"])
-    assert any(o.get("ename") == "MemoryError" for o in notebook.cell(executed, "k3-solution").outputs)
+    assert any(o.get("ename") == "MemoryError" for o in notebook.cell(executed, "kv3-solution").outputs)

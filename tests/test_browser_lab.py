@@ -1,9 +1,9 @@
 """A learner's first minutes in a real browser: JupyterLab serving the kv_cache release.
 
-A real `jupyter lab` server serves a temp copy of labs/kv_cache/kv_cache.ipynb whose K1 answer
+A real `jupyter lab` server serves a temp copy of labs/kv_cache/kv_cache.ipynb whose KV1 answer
 cell holds the solution (as a learner would type it, without nbgrader's markers). Headless
-Debian Chromium opens the notebook and runs the setup cell, the K1 answer, the K1 self-check,
-the unanswered K2 stub and the K2 self-check by selecting each cell and pressing Shift+Enter. A
+Debian Chromium opens the notebook and runs the setup cell, the KV1 answer, the KV1 self-check,
+the unanswered KV2 stub and the KV2 self-check by selecting each cell and pressing Shift+Enter. A
 screenshot goes to test-artifacts/browser/jupyterlab-kv_cache.png (or $INFERLAB_TEST_ARTIFACTS);
 on failure, a screenshot, the server log and the browser console land there too.
 """
@@ -40,12 +40,12 @@ def learner_answer(cell_id: str) -> str:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A JupyterLab server (stopped when the module's tests end) serving a copy of the release
-    with K1 answered."""
+    with KV1 answered."""
     tmp = tmp_path_factory.mktemp("browser-lab")
     root = tmp / "root"
     root.mkdir()
     nb = gnb.read(RELEASE)
-    gnb.cell(nb, "k1-solution").source = learner_answer("k1-solution")
+    gnb.cell(nb, "kv1-solution").source = learner_answer("kv1-solution")
     nbformat.write(nb, str(root / RELEASE.name))
     browser.clear_artifacts(ARTIFACT)  # what is left afterwards is from this run
     log = tmp / "jupyter-server.log"
@@ -79,15 +79,15 @@ def test_learner_runs_setup_and_self_checks_in_jupyterlab(lab, chromium):
         assert setup.lstrip().startswith("tiny: 5,278,976 parameters"), setup
 
         assert browser.run_cell_containing(page, "class ContiguousKVCache", timeout=30) == ""
-        k1 = browser.run_cell_containing(page, 'self_check("K1"', timeout=60)
-        assert "[K1] passed" in k1, k1
+        k1 = browser.run_cell_containing(page, 'self_check("KV1"', timeout=60)
+        assert "[KV1] passed" in k1, k1
 
-        # K2 left as released: its stub defines cached_generate, which raises NotImplementedError.
+        # KV2 left as released: its stub defines cached_generate, which raises NotImplementedError.
         assert browser.run_cell_containing(page, "def cached_generate(", timeout=30) == ""
-        k2 = browser.run_cell_containing(page, 'self_check("K2"', timeout=60)
-        assert "[K2] not attempted" in k2 and "Task K2" in k2, k2
+        k2 = browser.run_cell_containing(page, 'self_check("KV2"', timeout=60)
+        assert "[KV2] not attempted" in k2 and "Task KV2" in k2, k2
 
-        browser.scroll_to_cell(browser.find_cell(page, 'self_check("K1"'))  # both self-checks in view
+        browser.scroll_to_cell(browser.find_cell(page, 'self_check("KV1"'))  # both self-checks in view
         shot = browser.save_screenshot(page, ARTIFACT)
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 20_000, f"{shot} is only {shot.stat().st_size} bytes"

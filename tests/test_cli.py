@@ -85,3 +85,14 @@ def test_grading_commands_reject_bad_input(tmp_path):
     assert res.returncode == 1 and "no grading results" in res.stderr
     res = run("calibrate", "no_such_lab", "--out", str(tmp_path))
     assert res.returncode == 1 and "no checks module" in res.stderr
+
+
+def test_autograde_help_documents_verdicts_preflight_and_exit_codes():
+    res = run("autograde", "--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    for needle in ("--retry-inconclusive", "--no-preflight", "inconclusive", "preflight",
+                   "3 some task is inconclusive", "4 the preflight failed"):
+        assert needle in text, needle
+    demo = " ".join(run("demo", "--help").stdout.split())
+    assert "--no-preflight" in demo and "inconclusive" in demo

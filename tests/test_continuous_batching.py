@@ -191,11 +191,11 @@ def test_greedy_verdicts_and_the_timing_stage_tolerance(reference):
 
 
 def test_given_kv_cache_code_is_generated_from_its_source():
-    """The lab ships kv_cache's reference K1 and K2 in a locked cell generated from kv_cache's source."""
+    """The lab ships kv_cache's reference KV1 and KV2 in a locked cell generated from kv_cache's source."""
     source = notebook.read(SOURCE)
     given = notebook.cell(source, "given")
     spec = release.given_from(given)
-    assert spec == {"lab": "kv_cache", "cells": ["k1-solution", "k2-solution"]}
+    assert spec == {"lab": "kv_cache", "cells": ["kv1-solution", "kv2-solution"]}
     assert given.source == release.given_source(spec)
     assert "class ContiguousKVCache" in given.source and "def cached_generate" in given.source
     assert notebook.SOLUTION_BEGIN not in given.source

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")]
 
 LAB = "kv_cache"
-WRONG_POINTS = {"K1": 3, "K2": 0, "K3": 2, "K4": 0}  # the 'wrong' sample: K1 and K3 right
+WRONG_POINTS = {"KV1": 3, "KV2": 0, "KV3": 2, "KV4": 0}  # the 'wrong' sample: KV1 and KV3 right
 VICTIM_SLEEP_S = 20  # the victim's notebook pauses here; its worker is killed during the pause
 
 FILL_TMP = '''
@@ -75,12 +75,12 @@ def write_class(root: Path, victim_sleep: bool = True, disk: bool = True) -> Pat
     put("untouched", notebook.read(flat["stub"]))
     if victim_sleep:
         victim = copy.deepcopy(wrong)
-        at = victim.cells.index(notebook.cell(victim, "k1-solution")) + 1
+        at = victim.cells.index(notebook.cell(victim, "kv1-solution")) + 1
         victim.cells.insert(at, nbformat.v4.new_code_cell(f"import time\ntime.sleep({VICTIM_SLEEP_S})"))
         put("victim", victim)
     if disk:
         filler = copy.deepcopy(wrong)
-        at = filler.cells.index(notebook.cell(filler, "k1-solution")) + 1
+        at = filler.cells.index(notebook.cell(filler, "kv1-solution")) + 1
         filler.cells.insert(at, nbformat.v4.new_code_cell(FILL_TMP))
         put("disk-filler", filler)
     put("not-json", text='{"cells": [ this was cut off by a bad upload')

@@ -2,7 +2,7 @@
 compose `hub` service uses (infra/hub/jupyterhub_config.py), with local-process servers.
 
 A learner logs in with a password, gets a server, fetches the kv_cache assignment through
-nbgrader's exchange, answers K1, runs its self-check and submits. The instructor logs in,
+nbgrader's exchange, answers KV1, runs its self-check and submits. The instructor logs in,
 collects, runs `inferlab autograde` into the course gradebook, and formgrader shows the grade.
 """
 
@@ -146,26 +146,26 @@ def test_learner_fetches_self_checks_submits_and_instructor_grades(hub, released
     assert fetched.status_code == 200, fetched.text
     model = lin_server.get("/api/contents/kv_cache/kv_cache.ipynb").json()
     nb = model["content"]
-    assert any("k1-solution" == c["metadata"].get("nbgrader", {}).get("grade_id") for c in nb["cells"])
+    assert any("kv1-solution" == c["metadata"].get("nbgrader", {}).get("grade_id") for c in nb["cells"])
     assert lin_server.get("/formgrader").status_code == 404  # a learner's server has no instructor tools
 
-    # The learner answers K1 (the reference answer, without nbgrader's markers) and saves the notebook.
-    answer = notebook.cell(notebook.read(REPO / "solutions" / "kv_cache" / "kv_cache.ipynb"), "k1-solution").source
+    # The learner answers KV1 (the reference answer, without nbgrader's markers) and saves the notebook.
+    answer = notebook.cell(notebook.read(REPO / "solutions" / "kv_cache" / "kv_cache.ipynb"), "kv1-solution").source
     answer = "\n".join(line for line in answer.splitlines() if "### " not in line)
     for c in nb["cells"]:
-        if c["metadata"].get("nbgrader", {}).get("grade_id") == "k1-solution":
+        if c["metadata"].get("nbgrader", {}).get("grade_id") == "kv1-solution":
             c["source"] = answer
     saved = lin_server.put("/api/contents/kv_cache/kv_cache.ipynb", json={"type": "notebook", "content": nb})
     assert saved.status_code == 200, saved.text
 
-    # ... then runs the setup cell, the answer and the K1 self-check in a kernel of their server.
+    # ... then runs the setup cell, the answer and the KV1 self-check in a kernel of their server.
     kernel = lin_server.start_kernel("kv_cache")
     by_id = {c["metadata"].get("nbgrader", {}).get("grade_id"): c["source"] for c in nb["cells"]}
-    for cell_id in ("setup", "k1-solution"):
+    for cell_id in ("setup", "kv1-solution"):
         out = lin_server.run(kernel, by_id[cell_id])
         assert not out.errors, (cell_id, out)
-    check = lin_server.run(kernel, by_id["k1-self-check"])
-    assert "[K1] passed" in check.text, check
+    check = lin_server.run(kernel, by_id["kv1-self-check"])
+    assert "[KV1] passed" in check.text, check
 
     submitted = lin_server.post("/assignments/submit", data={"course_id": "inferlab", "assignment_id": "kv_cache"})
     assert submitted.status_code == 200 and "submitted" in submitted.text, submitted.text
@@ -188,7 +188,7 @@ def test_learner_fetches_self_checks_submits_and_instructor_grades(hub, released
     rows = listing.json()
     lin_row = next(r for r in rows if r["student"] == "lin")
     assert (course / "feedback" / "lin" / "kv_cache" / "kv_cache.html").is_file()  # for `nbgrader release_feedback`
-    assert lin_row["score"] == 3 and lin_row["max_score"] == 10, lin_row  # K1's 3 points, nothing else done
+    assert lin_row["score"] == 3 and lin_row["max_score"] == 10, lin_row  # KV1's 3 points, nothing else done
 
 
 @needs_proxy
@@ -222,8 +222,8 @@ def test_learner_on_the_hub_in_a_real_browser(hub, released):
                 setup = browser.run_cell_containing(page, 'tokenizer = load_tokenizer("tiny")', timeout=120)
                 assert setup.lstrip().startswith("tiny: 5,278,976 parameters"), setup
                 browser.run_cell_containing(page, "class ContiguousKVCache", timeout=30)
-                k1 = browser.run_cell_containing(page, 'self_check("K1"', timeout=60)
-                assert "[K1] not attempted" in k1 and "Task K1" in k1, k1  # the untouched release
+                k1 = browser.run_cell_containing(page, 'self_check("KV1"', timeout=60)
+                assert "[KV1] not attempted" in k1 and "Task KV1" in k1, k1  # the untouched release
                 shot = browser.save_screenshot(page, artifact)
         finally:
             chromium.close()

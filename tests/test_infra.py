@@ -271,6 +271,23 @@ def test_dockerfile_policy(kind):
     assert entrypoints and json.loads(entrypoints[-1])[0] == "tini"
 
 
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
+def test_a_learner_image_ships_no_grading_side(kind, tmp_path):
+    """The singleuser stage deletes every lab's grading side after copying grader/; the function it runs does."""
+    import shutil
+
+    from grader import labs
+
+    text = DOCKERFILES[kind].read_text()
+    stage = text[text.index("AS singleuser"):text.index("AS course")]
+    assert stage.index("COPY grader/ grader/") < stage.index("strip_grading_side()"), stage
+    copy = tmp_path / "labs"
+    shutil.copytree(labs.LABS_DIR, copy)
+    removed = labs.strip_grading_side(copy)
+    assert {p.name for p in removed} >= {"grading.py", "samples.py", "attacks.py"}
+    assert not list(copy.glob("*/grading.py")) and (copy / "kv_cache" / "public.py").is_file()
+
+
 def test_dockerfile_policy_catches_what_it_forbids():
     bad = """FROM python:latest AS base
 RUN pip install torch numpy==2.0.0 && npm install -g configurable-http-proxy

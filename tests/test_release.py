@@ -73,7 +73,7 @@ def test_release_leaks_no_solution_hidden_test_or_seed(lab):
 
 
 def test_given_cells_follow_the_lab_they_come_from(tmp_path):
-    """A cell generated from another lab's answers (continuous_batching's copy of kv_cache's K1 and K2)
+    """A cell generated from another lab's answers (continuous_batching's copy of kv_cache's KV1 and KV2)
     is reported stale when that source changes, and the release rewrites it from there."""
     lab = "continuous_batching"
     shutil.copy(REPO_ROOT / "nbgrader_config.py", tmp_path)
@@ -84,12 +84,12 @@ def test_given_cells_follow_the_lab_they_come_from(tmp_path):
     assert release.stale_given_cells(notebook.read(target), tmp_path) == []
     kv = tmp_path / "solutions" / "kv_cache" / "kv_cache.ipynb"
     nb = json.loads(kv.read_text())
-    k1 = next(c for c in nb["cells"] if c["metadata"].get("nbgrader", {}).get("grade_id") == "k1-solution")
+    k1 = next(c for c in nb["cells"] if c["metadata"].get("nbgrader", {}).get("grade_id") == "kv1-solution")
     k1["source"] = ["# An improved comment\n"] + k1["source"]
     kv.write_text(json.dumps(nb))
     problems = release.check(lab, root=tmp_path)
     assert f"labs/{lab}/{lab}.ipynb (differs)" in problems
-    assert any("cell 'given' (stale" in p and "kv_cache's k1-solution, k2-solution" in p for p in problems), problems
+    assert any("cell 'given' (stale" in p and "kv_cache's kv1-solution, kv2-solution" in p for p in problems), problems
     assert release.refresh_given(target, tmp_path) == ["given"]
     given = notebook.cell(notebook.read(target), "given").source
     assert "# An improved comment" in given and notebook.SOLUTION_BEGIN not in given

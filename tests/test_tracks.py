@@ -91,16 +91,16 @@ def test_self_checks_are_recorded_for_status_and_in_the_lab_folder(tmp_path, mon
     tracks.start("quick", T0)
     tracks.show_time_left("kv_cache")
     from grader.checks import self_check
-    from grader.labs import kv_cache
+    from grader.labs.kv_cache import public as kv_cache
 
-    self_check("K3", kv_cache.check_k3, lambda *a: 0, None)  # wrong: 0 bytes
+    self_check("KV3", kv_cache.check_kv3, lambda *a: 0, None)  # wrong: 0 bytes
     head, rows = tracks.status_rows(now=T0 + dt.timedelta(minutes=10))
     assert head.startswith("Track quick") and "2 h 50 min left" in head
     row = next(r for r in rows if r[0] == "kv_cache")
-    assert row[1] == "45 min" and "0/1 passed" in row[4] and "K3:failed" in row[4]
+    assert row[1] == "45 min" and "0/1 passed" in row[4] and "KV3:failed" in row[4]
     assert next(r for r in rows if r[0] == "gpu_basics")[4] in ("not opened", "not in this course yet")
     progress = json.loads((lab_folder / tracks.PROGRESS_FILE).read_text())
-    assert progress["lab"] == "kv_cache" and progress["opened"] and progress["checks"]["K3"]["status"] == "failed"
+    assert progress["lab"] == "kv_cache" and progress["opened"] and progress["checks"]["KV3"]["status"] == "failed"
 
 
 def test_under_the_autograder_nothing_is_recorded(tmp_path, monkeypatch, capsys):

@@ -1,1 +1,124 @@
-"""grader.labs: one module of checks per lab, named as the lab."""
+"""grader.labs: the registry of labs. `load(name)` is the one way to reach a lab's parts.
+
+A lab on the v2 platform is a package (`grader/labs/<lab>/`, laid out as `spec.py` says) whose
+`__init__` declares `SPEC`. Its parts are imported only when asked for, so that the sandboxed
+learner's process imports `public` and `probes` and never `grading`, which it cannot see.
+Labs not yet moved to the platform are single modules (`grader/labs/<lab>.py`), reached the old way
+(`legacy_module`), until they move.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from types import ModuleType
+
+from .spec import LabSpec, LabSpecError, Task, notebook_problems
+
+LABS_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Lab:
+    spec: LabSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def _part(self, part: str) -> ModuleType:
+        return importlib.import_module(f"grader.labs.{self.name}.{part}")
+
+    @cached_property
+    def public(self) -> ModuleType:
+        return self._part("public")
+
+    @cached_property
+    def probes(self) -> ModuleType:
+        return self._part("probes")
+
+    @cached_property
+    def grading(self) -> ModuleType:
+        """The checker's side; importing it in a learner's sandbox fails (it is not there)."""
+        return self._part("grading")
+
+    @property
+    def directory(self) -> Path:
+        return LABS_DIR / self.name
+
+
+def is_package(name: str) -> bool:
+    """Whether lab `name` is on the v2 platform (a package with a SPEC)."""
+    return (LABS_DIR / name / "__init__.py").is_file()
+
+
+def names() -> list[str]:
+    """Every lab on the v2 platform, by name."""
+    return sorted(p.name for p in LABS_DIR.iterdir() if (p / "__init__.py").is_file())
+
+
+_LOADED: dict[str, Lab] = {}
+
+
+def load(name: str) -> Lab:
+    """The lab `name`, its spec validated (and its prefix unique among the labs loaded so far)."""
+    if name in _LOADED:
+        return _LOADED[name]
+    if not is_package(name):
+        known = ", ".join(names()) or "none"
+        raise LabSpecError(f"no lab package grader/labs/{name}/ (labs on the platform: {known})")
+    spec = importlib.import_module(f"grader.labs.{name}").SPEC
+    if not isinstance(spec, LabSpec) or spec.name != name:
+        raise LabSpecError(f"grader/labs/{name}/__init__.py must declare SPEC = LabSpec(name={name!r}, ...)")
+    for other in _LOADED.values():
+        if other.spec.prefix == spec.prefix:
+            raise LabSpecError(f"labs {other.name} and {name} share the task prefix {spec.prefix!r}")
+    _LOADED[name] = Lab(spec)
+    return _LOADED[name]
+
+
+GRADING_SIDE = ("grading.py", "samples.py", "attacks.py")  # never in a learner's sandbox or image
+
+
+def grading_side_paths() -> list[Path]:
+    """Files of every lab package that only the checker may read (and the bytecode caches that would copy them)."""
+    paths = []
+    for name in names():
+        folder = LABS_DIR / name
+        paths += [folder / f for f in GRADING_SIDE if (folder / f).is_file()]
+        # The cache folder is made now if it can be: a sandbox sees files its host writes later, and a grading
+        # process importing grading.py beside a running sandbox would otherwise leave its bytecode in view.
+        try:
+            (folder / "__pycache__").mkdir(exist_ok=True)
+        except OSError:  # a read-only install: nobody can write bytecode there either
+            pass
+        if (folder / "__pycache__").is_dir():
+            paths.append(folder / "__pycache__")
+    return paths
+
+
+def strip_grading_side(labs_dir: Path = LABS_DIR) -> list[Path]:
+    """Delete the grading side from a copy of the labs (a learner's image); returns what was removed."""
+    import shutil
+
+    removed = []
+    for folder in sorted(p for p in Path(labs_dir).iterdir() if (p / "__init__.py").is_file()):
+        for f in GRADING_SIDE:
+            if (folder / f).is_file():
+                (folder / f).unlink()
+                removed.append(folder / f)
+        if (folder / "__pycache__").is_dir():
+            shutil.rmtree(folder / "__pycache__")
+            removed.append(folder / "__pycache__")
+    return removed
+
+
+def legacy_module(name: str) -> ModuleType:
+    """A lab not yet on the platform: its single checks module."""
+    return importlib.import_module(f"grader.labs.{name}")
+
+
+__all__ = ["GRADING_SIDE", "Lab", "grading_side_paths", "strip_grading_side", "LabSpec", "LabSpecError", "Task", "is_package", "legacy_module", "load", "names",
+           "notebook_problems"]

@@ -36,8 +36,8 @@ import torch
 from inferlab import Transformer, naive_generate
 
 from ..checks import CheckFailed
-from ..perf import ClockTampered, TimedTask, threshold
-from .kv_cache import model_fingerprint, random_args, random_model
+from ..perf import ClockTampered, TimedTask, fraction_of_reference_verdict, threshold
+from .common import model_fingerprint, random_args, random_model
 
 LAB = "continuous_batching"
 PUBLIC_SEED = 0
@@ -627,26 +627,13 @@ def judge_timing(result: Any, tampered: list[str], profile: str | None = None) -
     """The C4 verdict from one interleaved run (every timed result already checked against the
     baseline's): the learner's throughput over static batching as a fraction of the reference's."""
     bar = threshold(LAB, "C4", profile)
-    speedup, reference = result.speedup("candidate"), result.speedup("reference")
-    fraction = speedup / reference
-    measured = {"speedup_vs_static": round(speedup, 2),
-                "ci95": [round(result.ratios["candidate"]["ci_low"], 2), round(result.ratios["candidate"]["ci_high"], 2)],
-                # in throughput-ratio units for this run, so reports can plot it next to the ratio
-                "threshold": round(bar["min_fraction_of_reference"] * reference, 2),
-                "reference_speedup_vs_static": round(reference, 2), "fraction_of_reference": round(fraction, 2),
-                "min_fraction_of_reference": bar["min_fraction_of_reference"], "profile": bar["profile"],
-                "rounds": result.rounds, "stable": result.stable}
-    if tampered:
-        raise CheckFailed(f"your code replaced timing functions ({', '.join(tampered)}); the grader's own clock "
-                          "was not affected, but such code is flagged for your instructor: remove it",
-                          tampering=", ".join(tampered), **measured)
-    if fraction < bar["min_fraction_of_reference"]:
-        raise CheckFailed(
-            f"ContinuousBatcher serves {PERF_REQUESTS} mixed-length requests {speedup:.2f}x as fast as static "
-            f"batching, {fraction:.0%} of the reference's {reference:.2f}x in the same run; the bar is "
-            f"{bar['min_fraction_of_reference']:.0%} on the {bar['profile']} profile: admit waiting requests into "
-            "freed lanes at every step, and decode all running requests in one forward pass", **measured)
-    return measured
+
+    def too_slow(speedup: float, reference: float, fraction: float) -> str:
+        return (f"ContinuousBatcher serves {PERF_REQUESTS} mixed-length requests {speedup:.2f}x as fast as static "
+                f"batching, {fraction:.0%} of the reference's {reference:.2f}x in the same run; the bar is "
+                f"{bar['min_fraction_of_reference']:.0%} on the {bar['profile']} profile: admit waiting requests "
+                "into freed lanes at every step, and decode all running requests in one forward pass")
+    return fraction_of_reference_verdict(result, tampered, bar, "static", too_slow)
 
 
 REFERENCE_CELLS = ["setup", "given", "c1-solution", "lanes", "c2-solution", "c3-solution"]

@@ -74,15 +74,37 @@ class Comparison:
         """Median over rounds of baseline_time / name_time (> 1 means `name` is faster)."""
         return self.ratios[name]["median"]
 
+    def relative(self, name: str, to: str, seed: int = 0) -> dict[str, float]:
+        """`name`'s speedup as a fraction of `to`'s (speedup(name) / speedup(to)), with a 95% interval that
+        resamples whole rounds, so both speedups move together as they did in the run."""
+        return relative_speedup(self.times, self.baseline, name, to, seed)
+
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "rounds": self.rounds, "warmup": self.warmup, "stable": self.stable,
                 "median_s": {k: self.median_s(k) for k in self.times},
                 "speedup_vs_baseline": self.ratios}
 
 
+def relative_speedup(times: dict[str, list[float]], baseline: str, name: str, to: str, seed: int = 0,
+                     confidence: float = 0.95, resamples: int = 2000) -> dict[str, float]:
+    """median(baseline/name) / median(baseline/to) over the rounds, and its paired percentile bootstrap interval."""
+    n = min(len(times[baseline]), len(times[name]), len(times[to]))
+    base = np.asarray(times[baseline][:n])
+    mine, theirs = base / np.asarray(times[name][:n]), base / np.asarray(times[to][:n])
+    point = float(np.median(mine) / np.median(theirs))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, n))  # the same rounds for both speedups in every resample
+    fractions = np.median(mine[idx], axis=1) / np.median(theirs[idx], axis=1)
+    alpha = (1 - confidence) / 2
+    return {"median": point, "ci_low": float(np.quantile(fractions, alpha)),
+            "ci_high": float(np.quantile(fractions, 1 - alpha))}
+
+
 def compare(contenders: dict[str, Callable[[], object]], baseline: str, warmup: int = 2, min_rounds: int = 5,
             max_rounds: int = 30, rel_ci: float = 0.05, seed: int = 0,
-            device: str | torch.device | None = None, max_seconds: float | None = None) -> Comparison:
+            device: str | torch.device | None = None, max_seconds: float | None = None,
+            done: Callable[[dict[str, list[float]]], bool] | None = None,
+            timer: Callable[[Callable[[], object]], float] | None = None) -> Comparison:
     """Interleaved A/B(/C...) timing with warm-up and adaptive repeats.
 
     Each round runs every contender once, in an order shuffled per round (so no contender
@@ -90,6 +112,10 @@ def compare(contenders: dict[str, Callable[[], object]], baseline: str, warmup: 
     X is the per-round ratio baseline/X, which pairs measurements taken seconds apart; we
     stop once, for every contender, the 95% bootstrap interval of the median ratio is
     within +-rel_ci of the median, or after max_rounds (or max_seconds), and say which.
+    `done(times)`, if given, replaces that stopping rule (a caller that only needs to know
+    which side of a bar a ratio lies can stop as soon as it knows). No round starts that the
+    last one's duration says would end past `max_seconds`. `timer(fn)`, if given, runs one call
+    and returns its seconds (a caller that reads its own clock around only part of the call).
     """
     if baseline not in contenders:
         raise ValueError(f"baseline {baseline!r} is not among the contenders {list(contenders)}")
@@ -102,12 +128,16 @@ def compare(contenders: dict[str, Callable[[], object]], baseline: str, warmup: 
     started = _perf_counter()
     stable = False
     for round_ in range(max_rounds):
+        round_start = _perf_counter()
         for i in rng.permutation(len(names)):
-            times[names[i]].append(time_once(contenders[names[i]], device))
+            fn = contenders[names[i]]
+            times[names[i]].append(timer(fn) if timer is not None else time_once(fn, device))
         if round_ + 1 >= min_rounds:
             ratios = _ratios(times, baseline, seed)
             stable = all(r["ci_high"] - r["ci_low"] <= 2 * rel_ci * r["median"] for r in ratios.values())
-            if stable or (max_seconds is not None and _perf_counter() - started > max_seconds):
+            finished = done(times) if done is not None else stable
+            now = _perf_counter()
+            if finished or (max_seconds is not None and now + (now - round_start) - started > max_seconds):
                 break
     return Comparison(baseline, times, warmup, stable, _ratios(times, baseline, seed))
 
