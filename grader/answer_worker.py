@@ -21,7 +21,6 @@ the trusted cells ran. That is a flag for the instructor, not a defence: no verd
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import traceback
@@ -154,15 +153,9 @@ PROBES: dict[str, Any] = {}
 
 def main() -> int:
     from . import wire
+    from .perf_worker import protocol_streams
 
-    replies = os.fdopen(os.dup(1), "wb", buffering=0)
-    commands = os.fdopen(os.dup(0), "rb")
-    # The learner's prints, plots and warnings must not be mistaken for replies, nor flood anything.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    replies, commands = protocol_streams(binary=True)
     encode, decode = wire.encode, wire.decode
     setup = decode(commands.readline())["setup"]
 

@@ -67,15 +67,21 @@ def changed(before: dict[str, int], after: dict[str, int]) -> list[str]:
     return sorted(k for k, v in before.items() if after.get(k) != v and not k.startswith(CLOCKS))
 
 
-def main() -> int:
-    reply = os.fdopen(os.dup(1), "w", buffering=1)
-    commands = os.fdopen(os.dup(0), "r")
-    # The learner's prints, plots and warnings must not be mistaken for replies, nor flood anything.
+def protocol_streams(binary: bool = False):
+    """(replies, commands): this process's real stdout and stdin, kept for the protocol alone. Everything the
+    learner's code prints, plots or warns goes to /dev/null: it must not be mistaken for a reply, nor flood."""
+    replies = os.fdopen(os.dup(1), "wb", buffering=0) if binary else os.fdopen(os.dup(1), "w", buffering=1)
+    commands = os.fdopen(os.dup(0), "rb" if binary else "r")
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
     os.environ.setdefault("MPLBACKEND", "Agg")
+    return replies, commands
+
+
+def main() -> int:
+    reply, commands = protocol_streams()
     dumps, loads = json.dumps, json.loads
 
     def send(obj: dict) -> None:
