@@ -267,20 +267,6 @@ def outcome(task: str, check: Callable[[Learner, int], dict[str, Any] | None], l
     return result
 
 
-def answer_cells(executed, cell_ids: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(grade_id or '', source) of the named cells, each followed by the cells the learner added right after it."""
-    out, keep = [], False
-    for c in executed.cells:
-        gid = notebook.grade_id(c)
-        if gid:
-            keep = gid in cell_ids
-            if keep and c.cell_type == "code":
-                out.append((gid, c.source))
-        elif keep and c.cell_type == "code":
-            out.append(("", c.source))
-    return out
-
-
 def run(lab, executed, backend: str, limits: Limits, seeds: dict[str, int], workdir: Path | None = None,
         max_seconds: float = MAX_SECONDS) -> tuple[list[TaskOutcome], list[str]]:
     """Check every task of `lab` (a `grader.labs.Lab`) against the answers in the executed notebook.
@@ -291,7 +277,7 @@ def run(lab, executed, backend: str, limits: Limits, seeds: dict[str, int], work
     outcomes: list[TaskOutcome] = []
     stopped = ""
     learner = None
-    defining = answer_cells(executed, spec.defining_cells)
+    defining = notebook.answer_cells(executed, spec.defining_cells)
     ran: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="inferlab-check-", dir=workdir) as tmp:
         try:
@@ -314,7 +300,7 @@ def run(lab, executed, backend: str, limits: Limits, seeds: dict[str, int], work
                                          f"{' and '.join(unmet)} pass first")
                 else:
                     try:
-                        for gid, source in answer_cells(executed, tuple(c for c in task.cells if c not in ran)):
+                        for gid, source in notebook.answer_cells(executed, tuple(c for c in task.cells if c not in ran)):
                             learner.exec(source, gid)
                         ran.update(task.cells)
                         result = outcome(task.id, grading.HIDDEN_CHECKS[task.id], learner, seed)

@@ -38,6 +38,21 @@ def cell(nb, cell_id: str):
     raise KeyError(f"no cell with grade_id {cell_id!r}; cells: {[grade_id(c) for c in nb.cells]}")
 
 
+def answer_cells(nb, cell_ids: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(grade_id, or '' for a cell the learner added, source) of the named code cells, in notebook order, each
+    followed by the cells the learner added right after it: what a worker runs again to rebuild the answers."""
+    out, keep = [], False
+    for c in nb.cells:
+        gid = grade_id(c)
+        if gid:
+            keep = gid in cell_ids
+            if keep and c.cell_type == "code":
+                out.append((gid, c.source))
+        elif keep and c.cell_type == "code":
+            out.append(("", c.source))
+    return out
+
+
 def exec_cells(nb, cell_ids: list[str], namespace: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the named code cells, in the given order, in one namespace (like a kernel would)."""
     namespace = {} if namespace is None else namespace

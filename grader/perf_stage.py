@@ -417,16 +417,7 @@ def result_line(result: CheckResult) -> str:
 
 def cells_for(nb, cell_ids: tuple[str, ...]) -> list[str]:
     """Sources of the named cells, each followed by the cells the learner added right after it."""
-    out, keep = [], False
-    for c in nb.cells:
-        gid = notebook.grade_id(c)
-        if gid:
-            keep = gid in cell_ids
-            if keep and c.cell_type == "code":
-                out.append(c.source)
-        elif keep and c.cell_type == "code":
-            out.append(c.source)
-    return out
+    return [source for _, source in notebook.answer_cells(nb, cell_ids)]
 
 
 def time_submission(lab: str, prepared, source, backend: str, limits: Limits, seed: int,

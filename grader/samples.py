@@ -28,10 +28,9 @@ def definitions(lab: str, kind: str = "samples") -> dict:
 
     filename, attribute = KINDS[kind]
     if labs.is_package(lab):
-        part = {"samples": "samples", "attacks": "attacks"}[kind]
-        if not (labs.LABS_DIR / lab / f"{part}.py").is_file():
-            raise FileNotFoundError(f"lab {lab!r} has no {kind} definitions at grader/labs/{lab}/{part}.py")
-        return getattr(importlib.import_module(f"grader.labs.{lab}.{part}"), attribute)
+        if not (labs.LABS_DIR / lab / f"{kind}.py").is_file():  # kind is "samples" or "attacks": the module's name
+            raise FileNotFoundError(f"lab {lab!r} has no {kind} definitions at grader/labs/{lab}/{kind}.py")
+        return getattr(importlib.import_module(f"grader.labs.{lab}.{kind}"), attribute)
     path = REPO_ROOT / "samples" / filename.format(lab=lab)
     if not path.is_file():
         raise FileNotFoundError(f"lab {lab!r} has no {kind} definitions at {path}")

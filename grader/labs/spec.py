@@ -17,7 +17,7 @@ A lab is one package, `grader/labs/<lab>/`:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..timed import TimedTask
 
@@ -49,7 +49,6 @@ class LabSpec:
     reference_cells: tuple[str, ...]  # the solution notebook's cells that define the reference answers
     timed: TimedTask | None = None
     public_seed: int = 0
-    notes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):

@@ -14,8 +14,7 @@ import torch
 from inferlab import ModelArgs
 
 from ..common import tensor_bytes_held
-
-KV4_NEW_TOKENS = 16
+from .public import KV4_NEW_TOKENS
 
 
 def _int(value: Any, what: str) -> int:
