@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import inspect
 import json
 import os
 import platform
@@ -157,19 +156,17 @@ def plan(only: list[str] | None, dry_run: bool) -> tuple[list[Step], list[tuple[
 
 def run_calibration(lab: str, out: Path, profile: str, dry_run: bool, max_rounds: int | None,
                     machine: dict[str, Any]) -> dict[str, Any]:
-    import importlib
-
     import torch
 
+    from grader import labs
     from grader.calibrate import calibrate
 
-    module = importlib.import_module(f"grader.labs.{lab}")
-    lab_calibrate = getattr(module, "calibrate", None)
-    if lab_calibrate is None:
-        return {"status": "unavailable", "reason": f"grader.labs.{lab} has no calibrate()"}
+    loaded = labs.load(lab)
+    if not loaded.calibrates:
+        return {"status": "unavailable", "reason": f"lab {lab} has no calibrate() in grader/labs/{lab}/grading.py"}
     options = {}
     if dry_run:
-        accepted = inspect.signature(lab_calibrate).parameters
+        accepted = loaded.calibrate_options
         options = {k: v for k, v in DRY_RUN_OPTIONS.items() if k in accepted}
     cuda = torch.cuda.is_available()
     if cuda:

@@ -78,13 +78,13 @@ def kv_cache_vs_hf(prompt_tokens: int = 128, new_tokens: int = 128, rounds: tupl
     `generate` with its KV cache, batch 1, greedy, the same weights and prompt, interleaved."""
     import transformers
 
-    from grader.labs.kv_cache import reference_namespace
+    from grader.labs import load
     from inferlab import load_model, load_tokenizer
     from inferlab.bench import compare
     from inferlab.loading import resolve_model_dir
     from inferlab.workloads import prompts
 
-    cached_generate = reference_namespace()["cached_generate"]
+    cached_generate = load("kv_cache").reference_namespace()["cached_generate"]
     model, tok = load_model("tiny"), load_tokenizer("tiny")
     hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny"), dtype=torch.float32).eval()
     prompt = prompts(tok, 1, seed=1, min_tokens=prompt_tokens, max_tokens=prompt_tokens)[0]

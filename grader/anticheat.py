@@ -61,3 +61,9 @@ def runtime_flags(result: dict) -> list[str]:
         if task.get("tampering"):
             flags.append(f"{task['cell']}: the grader or runtime replaced at run time ({task['tampering']})")
     return flags
+
+
+def flags(result: dict, submitted) -> list[str]:
+    """Every flag of a graded submission, computed once when it is graded and kept in its result: what the
+    checks saw at run time, then what the learner's code says."""
+    return runtime_flags(result) + [f"code {reason}" for reason in scan(submitted)]

@@ -40,7 +40,7 @@ from .timed import TimedTask
 from .sandbox import Limits, die_with_parent
 from .submissions import Submission, discover
 
-GRADER_VERSION = "2"  # bump when grading changes meaning, so every submission is regraded
+GRADER_VERSION = "3"  # bump when grading changes meaning, so every submission is regraded
 
 
 @dataclass

@@ -10,7 +10,6 @@ to commit: the entry then records `rounds_capped_at`); `options` go to the lab's
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import json
 import os
 import platform
@@ -42,11 +41,13 @@ def _rounds_capped(max_rounds: int | None):
 
 def calibrate(lab: str, out_dir: Path, profile: str | None = None, *, max_rounds: int | None = None,
               options: dict[str, Any] | None = None) -> Path:
+    from . import labs
+
     try:
-        module = importlib.import_module(f"grader.labs.{lab}")
-    except ModuleNotFoundError:
-        raise ValueError(f"lab {lab!r} has no checks module grader/labs/{lab}.py") from None
-    if not hasattr(module, "calibrate"):
+        loaded = labs.load(lab)
+    except labs.LabSpecError as err:
+        raise ValueError(str(err)) from None
+    if not loaded.calibrates:
         raise ValueError(f"lab {lab!r} has no performance checks to calibrate")
     import torch
 
@@ -54,7 +55,7 @@ def calibrate(lab: str, out_dir: Path, profile: str | None = None, *, max_rounds
 
     profile = profile or hardware_profile()
     with _rounds_capped(max_rounds):
-        entry = module.calibrate(**(options or {}))
+        entry = loaded.calibrate(**(options or {}))
     machine = (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
                f"{cpu_name()}, {os.cpu_count()} cores")
     for task in entry.values():

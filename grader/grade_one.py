@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import check_stage, labs, notebook, perf_stage, verify_stage
+from . import anticheat, check_stage, labs, notebook, perf_stage, verify_stage
 from .execute import SubmissionError, execute, grader_fault, load_submission, prepare, score
 from .sandbox import Limits
 
@@ -68,6 +68,7 @@ def grade_one(job: dict) -> dict:
         seed = seeds.get(spec.gate, secrets.randbelow(2**31))
         perf_stage.apply(lab, result, run.notebook, source, job["sandbox"], Limits(**job["limits"]), seed,
                          Path(job["workdir"]))
+    result["flags"] = anticheat.flags(result, submitted)  # once, here: the report reads results only
     executed_path = Path(job["executed"])
     executed_path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(run.notebook, str(executed_path))

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib
 import json
 import os
 import select
@@ -41,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import notebook
+from . import labs, notebook
 from .checks import ERROR, FAILED, INCONCLUSIVE, PASSED, CheckFailed, CheckResult
 from .timed import TimedTask
 from .sandbox import Limits, start_sandboxed, stop_sandboxed
@@ -426,26 +425,26 @@ def time_submission(lab: str, prepared, source, backend: str, limits: Limits, se
     of its own (`claim_cores`), and decide: passed, failed, inconclusive, or error (the grader's side failed)."""
     from .perf import threshold
 
-    module = importlib.import_module(f"grader.labs.{lab}")
-    spec = spec or module.TIMED
+    loaded = labs.load(lab)
+    spec = spec or loaded.timed
     bar = float(threshold(lab, spec.task)["min_fraction_of_reference"])
     threads = limits.threads or os.cpu_count() or 1
     with claim_cores(threads) as (cores, shared):
         seen = Observed(cores=len(cores), shared_core=shared)
-        return _timed_run(lab, module, spec, bar, prepared, source, backend, limits, seed, workdir, cores, seen)
+        return _timed_run(lab, loaded, spec, bar, prepared, source, backend, limits, seed, workdir, cores, seen)
 
 
-def _timed_run(lab, module, spec: TimedTask, bar: float, prepared, source, backend: str, limits: Limits, seed: int,
+def _timed_run(lab, loaded, spec: TimedTask, bar: float, prepared, source, backend: str, limits: Limits, seed: int,
                workdir: Path | None, cores: set[int], seen: Observed) -> CheckResult:
     from inferlab.bench import compare
 
     start = time.monotonic()
     seen.started = time.perf_counter()
     deadline = start + spec.max_seconds
-    prompts = module.perf_prompts(seed, 1 + spec.rounds[1])
+    prompts = loaded.perf_prompts(seed, 1 + spec.rounds[1])
     # Timed results must equal the baseline's; a lab may accept a result that differs only where it
     # can show it is still right (continuous_batching: a near tie that another batch shape tipped).
-    outputs_agree = getattr(module, "timed_outputs_agree", lambda inputs, got, want: False)
+    outputs_agree = loaded.timed_outputs_agree
     tokens: dict[str, list[list[int]]] = {"baseline": [], "reference": [], "candidate": []}
     tampered: set[str] = set()
     workers: list[Worker] = []
@@ -532,7 +531,7 @@ def _timed_run(lab, module, spec: TimedTask, bar: float, prepared, source, backe
     finally:
         for w in workers:
             w.close()
-    return verdict(*final_verdict(module.judge_timing, result, sorted(tampered), seen, bar, spec.rel_ci, seed))
+    return verdict(*final_verdict(loaded.judge_timing, result, sorted(tampered), seen, bar, spec.rel_ci, seed))
 
 
 def final_verdict(judge, result, tampered: list[str], seen: Observed, bar: float, rel_ci: float,
@@ -556,8 +555,7 @@ def apply(lab: str, result: dict, executed, source, backend: str, limits: Limits
     the result lists it (`inconclusive: [task]`); the gradebook then asks for its grade instead of
     recording a zero. A failure of the grader's own reference process makes the submission a
     `grader-error` (regraded by the next run), never a learner's zero."""
-    module = importlib.import_module(f"grader.labs.{lab}")
-    spec: TimedTask | None = getattr(module, "TIMED", None)
+    spec: TimedTask | None = labs.load(lab).timed
     if spec is None:
         return result
     task = next((t for t in result["tasks"] if t["cell"] == spec.gate), None)

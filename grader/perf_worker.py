@@ -24,7 +24,6 @@ check, `print` or a clock to fake a result is caught instead of believed.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -93,7 +92,9 @@ def main() -> int:
     torch.set_num_threads(int(setup.get("threads") or 1))
     from . import checks, perf  # bound (with the original clocks) before any learner code runs
 
-    lab = importlib.import_module(f"grader.labs.{setup['lab']}")
+    from .labs import load
+
+    lab = load(setup["lab"])
     from IPython.core.interactiveshell import InteractiveShell
 
     shell = InteractiveShell.instance()  # cells may use magics or get_ipython(), as in the notebook

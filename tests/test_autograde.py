@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewra
 
 LAB = "kv_cache"
 SAMPLES = samples.definitions(LAB)
-TIMED = kv_cache.TIMED  # the timed task (K4 / KV4) and its graded cell
+TIMED = kv_cache.SPEC.timed  # the timed task (K4 / KV4) and its graded cell
 GENERATE = f"{TIMED.task[:-1]}2"  # the task of cached_generate
 LIMITS = Limits(wall_s=150)  # the reference needs about 60 s on one core; 'loop' uses all of it
 
@@ -271,7 +271,7 @@ def inconclusive_result(student: str, sub_path: Path, source: Path) -> dict:
     nb = notebook.read(source)
     cells = [(notebook.grade_id(c), float(c.metadata["nbgrader"].get("points", 0))) for c in nb.cells
              if c.metadata.get("nbgrader", {}).get("grade")]
-    gate, task = kv_cache.TIMED.gate, kv_cache.TIMED.task
+    gate, task = kv_cache.SPEC.timed.gate, kv_cache.SPEC.timed.task
     sub = next(s for s in discover(LAB, sub_path.parent) if s.student == student)
     tasks = [{"cell": cell, "points": 0.0 if cell == gate else points, "max_points": points,
               "passed": cell != gate, "message": "", **({"inconclusive": True} if cell == gate else {})}
@@ -300,9 +300,9 @@ def test_an_inconclusive_timing_is_shown_not_recorded_and_regraded_on_request(tm
 
     res = cli("autograde", LAB, "--submissions", str(subs), "--out", str(tmp_path / "out"))  # nothing to grade
     assert res.returncode == 3, res.stdout + res.stderr
-    assert f"(inconclusive: {kv_cache.TIMED.task}; not graded yet)" in res.stdout and "--retry-inconclusive" in res.stderr
+    assert f"(inconclusive: {kv_cache.SPEC.timed.task}; not graded yet)" in res.stdout and "--retry-inconclusive" in res.stderr
     db = tmp_path / "out" / LAB / "gradebook.db"
-    assert gradebook.needing_grades(db, LAB) == {"ada": [kv_cache.TIMED.gate], "ben": []}
+    assert gradebook.needing_grades(db, LAB) == {"ada": [kv_cache.SPEC.timed.gate], "ben": []}
     page, grades = write_report(tmp_path / "out" / LAB, tmp_path / "report")
     rows = {r["Student"]: r for r in csv.DictReader(grades.open())}
     assert rows["ada"][LAB] == "" and "inconclusive" in rows["ada"]["Notes"] and rows["ben"][LAB] != ""

@@ -31,7 +31,7 @@ def source():
     return notebook.read(samples.REPO_ROOT / "solutions" / LAB / f"{LAB}.ipynb")
 
 
-ANSWER = kv_cache.TIMED.cells[-1]  # the answer cell that defines cached_generate
+ANSWER = kv_cache.SPEC.timed.cells[-1]  # the answer cell that defines cached_generate
 
 
 def submission(source, k2_extra: str = "", added_cell: str | None = None):
@@ -50,7 +50,7 @@ def submission(source, k2_extra: str = "", added_cell: str | None = None):
 
 def test_cells_for_takes_answer_cells_and_what_the_learner_added_after_them(source):
     prepared = submission(source, added_cell="HELPER = 1")
-    cells = cells_for(prepared, kv_cache.TIMED.cells)
+    cells = cells_for(prepared, kv_cache.SPEC.timed.cells)
     assert cells[0].startswith("import time") and "HELPER = 1" in cells[-1]
     assert not any("self_check(" in c or "GRADING_SEED" in c for c in cells)
 
@@ -60,7 +60,7 @@ def test_reference_passes_with_both_speedups_measured_in_the_run(source):
     assert result.status == PASSED, result_line(result)
     m = result.measured
     assert m["speedup_vs_naive"] > m["threshold"] and 0.6 < m["fraction_of_reference"] < 1.6
-    assert m["rounds"] >= kv_cache.TIMED.rounds[0] and m["decided"] in ("clear", "stable")
+    assert m["rounds"] >= kv_cache.SPEC.timed.rounds[0] and m["decided"] in ("clear", "stable")
     assert m["cpu_between_calls_s"] <= 0.1 and m["cores"] == 1  # pinned to one core of its own
 
 
@@ -138,7 +138,7 @@ def cached_generate(model, prompt, max_new_tokens, **kw):
         _t.sleep(3600)
     return _plain(model, prompt, max_new_tokens, **kw)
 '''
-    spec = dataclasses.replace(kv_cache.TIMED, max_seconds=45)
+    spec = dataclasses.replace(kv_cache.SPEC.timed, max_seconds=45)
     result = time_submission(LAB, submission(source, hangs), source, "bwrap", LIMITS, seed=11, spec=spec)
     # The learner's own call took what was left of the time, far over 10x the baseline's: a fail, not inconclusive.
     assert result.status == FAILED and "did not finish within 45 s" in result.message, result_line(result)

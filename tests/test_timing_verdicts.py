@@ -244,7 +244,7 @@ def test_a_thread_left_running_fails_while_the_reference_passes():
 
     def timed(extra: str):
         nb = copy.deepcopy(samples.solved("kv_cache"))
-        notebook.cell(nb, kv_cache.TIMED.cells[-1]).source += "\n" + extra
+        notebook.cell(nb, kv_cache.SPEC.timed.cells[-1]).source += "\n" + extra
         prepared, _ = prepare(source, nb, rng_seed=3)
         return time_submission("kv_cache", prepared, source, "bwrap", Limits(threads=1), seed=11)
 

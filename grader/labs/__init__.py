@@ -10,11 +10,14 @@ Labs not yet moved to the platform are single modules (`grader/labs/<lab>.py`), 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+from ..timed import TimedTask
 from .spec import LabSpec, LabSpecError, Task, notebook_problems
 
 LABS_DIR = Path(__file__).resolve().parent
@@ -47,6 +50,52 @@ class Lab:
     @property
     def directory(self) -> Path:
         return LABS_DIR / self.name
+
+    # The timed task's parts, for the timing stage (grader.perf_stage, grader.perf_worker) and the
+    # calibration (grader.calibrate, bench/gpu_check.py): named here once, each with what is missing.
+    @property
+    def timed(self) -> TimedTask | None:
+        return self.spec.timed
+
+    def _function(self, part: str, name: str) -> Callable[..., Any]:
+        fn = getattr(getattr(self, part), name, None)
+        if not callable(fn):
+            raise LabSpecError(f"lab {self.name}: grader/labs/{self.name}/{part}.py must define {name}()"
+                               + (f" (the lab has the timed task {self.timed.task})" if self.timed else ""))
+        return fn
+
+    def perf_contenders(self, role: str, namespace: dict[str, Any]) -> dict[str, Callable[..., Any]]:
+        """What a timing worker runs (learner side, in its sandbox): `candidate`, or `baseline` and `reference`."""
+        return self._function("probes", "perf_contenders")(role, namespace)
+
+    def perf_prompts(self, seed: int, n: int) -> list[Any]:
+        return self._function("grading", "perf_prompts")(seed, n)
+
+    def judge_timing(self, result: Any, tampered: list[str], profile: str | None = None) -> dict[str, Any]:
+        return self._function("grading", "judge_timing")(result, tampered, profile)
+
+    def timed_outputs_agree(self, inputs: Any, got: Any, want: Any) -> bool:
+        """Whether a timed result that differs from the baseline's is still right (a lab may show that a near
+        tie tipped); by default a timed result must equal the baseline's."""
+        agree = getattr(self.grading, "timed_outputs_agree", None)
+        return bool(agree(inputs, got, want)) if agree is not None else False
+
+    def reference_namespace(self) -> dict[str, Any]:
+        return self._function("grading", "reference_namespace")()
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the lab has bars measured on a machine (`grading.calibrate`)."""
+        return callable(getattr(self.grading, "calibrate", None))
+
+    def calibrate(self, **options: Any) -> dict[str, Any]:
+        return self._function("grading", "calibrate")(**options)
+
+    @property
+    def calibrate_options(self) -> set[str]:
+        import inspect
+
+        return set(inspect.signature(self._function("grading", "calibrate")).parameters)
 
 
 def is_package(name: str) -> bool:

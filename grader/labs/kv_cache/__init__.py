@@ -22,24 +22,3 @@ SPEC = LabSpec(
     reference_cells=("setup", "kv1-solution", "kv2-solution", "kv3-solution", "kv4-solution"),
     timed=TimedTask("KV4", gate="kv4-hidden", cells=("setup", "kv1-solution", "kv2-solution")),
 )
-
-# What the timing stage and the calibration still read from a lab module, by name, until they use the
-# registry (grader.labs.load): the learner-side part from `probes`, the rest from `grading`.
-_FROM_PROBES = {"perf_contenders"}
-_FROM_GRADING = {"perf_prompts", "judge_timing", "calibrate", "reference_namespace"}
-
-
-def __getattr__(name: str):
-    if name == "TIMED":
-        return SPEC.timed
-    if name == "DEFINING_CELLS":
-        return SPEC.defining_cells
-    if name in _FROM_PROBES:
-        from . import probes
-
-        return getattr(probes, name)
-    if name in _FROM_GRADING:
-        from . import grading
-
-        return getattr(grading, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

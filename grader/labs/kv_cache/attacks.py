@@ -169,8 +169,8 @@ except AttributeError:
     # --- reaching outside the sandbox -----------------------------------------------------------
     "copy-reference": {  # imports the grader's reference answers (they live in solutions/, not visible)
         "cells": {"kv1-solution": '''
-from grader.labs.kv_cache import reference_namespace
-ContiguousKVCache = reference_namespace()["ContiguousKVCache"]
+from grader.labs import load
+ContiguousKVCache = load("kv_cache").reference_namespace()["ContiguousKVCache"]
 '''}, "expected": {"KV1": 0, "KV2": 0, "KV3": 0, "KV4": 0}, "flags": True},
     "network": {  # a correct answer that also tries to send something out
         "cells": {"kv3-solution": '''
