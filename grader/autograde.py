@@ -82,7 +82,7 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int | None = 
               limits: Limits = Limits(), seed: int | None = None, progress: bool = True,
               force: bool = False, results_dir: Path | None = None, backend: str = "local",
               ray_address: str | None = None, due=None, preflight: bool = True,
-              retry_inconclusive: bool = False) -> list[Outcome]:
+              retry_inconclusive: bool = False, timing: bool = True) -> list[Outcome]:
     """Grade every submission of `lab` under `submissions_dir`; write results, gradebook and feedback to `out`.
 
     Under `out`: `autograded/<student>/<lab>/<lab>.ipynb` and `feedback/<student>/<lab>/<lab>.html`
@@ -100,6 +100,8 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int | None = 
     `preflight`: first grade the lab's reference solution the same way (`run_preflight`); raise
     `PreflightFailed`, having written nothing, unless it gets full marks. `retry_inconclusive`:
     also regrade the submissions that have an inconclusive task (a plain re-run skips them).
+    `timing=False`: do not time the lab's timed task; it is left inconclusive, to be timed by a later
+    run with `retry_inconclusive`.
     """
     from .feedback import write_feedback
     from .gradebook import record
@@ -138,22 +140,36 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int | None = 
                      "fingerprint": fp, "timestamp": sub.timestamp, "sandbox": sandbox,
                      "limits": dataclasses.asdict(limits), "seed": seed, "result": str(result_path),
                      "executed": str(out / "autograded" / sub.student / lab / f"{lab}.ipynb"),
-                     "workdir": str(out)})
+                     "workdir": str(out), "timing": timing})
     ray_started = False
     if backend == "ray" and jobs:
         from .ray_backend import connect
 
         ray_started = connect(ray_address)  # once, for the preflight and the class
     try:
+        graded_already: dict[str, Path] = {}  # fingerprint -> a result of this run (or a cached preflight) to copy
         if preflight and jobs:
-            run_preflight(lab, source, results_dir.parent / "preflight" / lab, sandbox, limits, backend,
-                          ray_address, out, progress)
+            reference = run_preflight(lab, source, results_dir.parent / "preflight" / lab, sandbox, limits, backend,
+                                      ray_address, out, progress)
+            if reference.get("class_fingerprint"):
+                graded_already[reference["class_fingerprint"]] = Path(reference["result"])
+        # Identical notebooks are graded once: a hand-in equal to the reference the preflight just graded, or to
+        # another hand-in of this batch, gets a copy of that grade (noted in its result as `graded_with`).
+        to_run, copies = [], []
+        for job in jobs:
+            if job["fingerprint"] in graded_already or any(j["fingerprint"] == job["fingerprint"] for j in to_run):
+                copies.append(job)
+            else:
+                to_run.append(job)
         if backend == "ray":
             from .ray_backend import run_jobs_ray
 
-            outcomes += run_jobs_ray(jobs, lab, workers, limits, progress, ray_address)
+            outcomes += run_jobs_ray(to_run, lab, workers, limits, progress, ray_address)
         else:
-            outcomes += run_jobs(jobs, workers or 2, limits, progress)
+            outcomes += run_jobs(to_run, workers or 2, limits, progress)
+        for job in to_run:
+            graded_already.setdefault(job["fingerprint"], Path(job["result"]))
+        outcomes += [copy_grade(job, graded_already[job["fingerprint"]]) for job in copies]
     finally:
         if ray_started:
             import ray
@@ -164,6 +180,27 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int | None = 
     for r in results:
         write_feedback(out, lab, r)
     return sorted(outcomes, key=lambda o: o.student)
+
+
+def copy_grade(job: dict, graded: Path) -> Outcome:
+    """The grade of an identical notebook, graded in this run, as this job's result (and its executed notebook)."""
+    import shutil
+
+    result = json.loads(graded.read_text())
+    original = result.get("graded_with") or result["student"]
+    if result.get("executed") and Path(result["executed"]).is_file():
+        Path(job["executed"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result["executed"], job["executed"])
+    for key in ("due", "late_by_s", "time_on_task_s"):
+        result.pop(key, None)
+    result.update(student=job["student"], submission=job["submission"], timestamp=job["timestamp"],
+                  fingerprint=job["fingerprint"], executed=job["executed"], graded_with=original)
+    path = Path(job["result"])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(path)
+    return Outcome(job["student"], result["status"], result["points"], result["max_points"], path,
+                   result.get("inconclusive", []), result.get("error", ""))
 
 
 def _with_timing(result_path: Path, subs: list[Submission], due) -> dict:
@@ -249,14 +286,14 @@ def run_preflight(lab: str, source: Path, folder: Path, sandbox: str, limits: Li
             old = json.loads(cache.read_text())
         except ValueError:
             old = {}
-        if old.get("key") == key and old.get("passed"):
+        if old.get("key") == key and old.get("passed") and Path(old["result"].get("result", "")).is_file():
             return old["result"]
     folder.mkdir(parents=True, exist_ok=True)
     submission = folder / "submitted" / f"{lab}.ipynb"
     submission.parent.mkdir(exist_ok=True)
     nbformat.write(solved(lab), str(submission))
     job = {"lab": lab, "student": PREFLIGHT_STUDENT, "submission": str(submission), "source": str(source),
-           "fingerprint": hashlib.sha256(submission.read_bytes()).hexdigest(), "timestamp": None, "sandbox": sandbox,
+           "fingerprint": fingerprint(Submission(PREFLIGHT_STUDENT, submission), source), "timestamp": None, "sandbox": sandbox,
            "limits": dataclasses.asdict(limits), "seed": None, "result": str(folder / "result.json"),
            "executed": str(folder / "autograded" / f"{lab}.ipynb"), "workdir": str(out)}
     for attempt in (1, 2):
@@ -267,6 +304,8 @@ def run_preflight(lab: str, source: Path, folder: Path, sandbox: str, limits: Li
         else:
             run_jobs([job], 1, limits, progress, desc=f"preflight: {lab}'s reference")
         result = json.loads(Path(job["result"]).read_text())
+        # What a hand-in identical to the reference would be fingerprinted as, and where its grade lies.
+        result.update(class_fingerprint=job["fingerprint"], result=job["result"])
         problems = preflight_problems(result)
         if not problems:
             tmp = cache.with_suffix(".tmp")

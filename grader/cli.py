@@ -197,12 +197,15 @@ def calibrate(lab: str, out: Path, profile: str | None) -> None:
 @click.option("--no-preflight", is_flag=True,
               help="Skip grading the lab's reference solution first (the preflight): grade even if this machine or "
                    "sandbox cannot give the reference full marks.")
+@click.option("--no-timing", is_flag=True,
+              help="Do not time the lab's timed task: it is left inconclusive (not awarded, not a zero), for a quick "
+                   "correctness pass; time it later with --retry-inconclusive.")
 @click.option("--due", default=None, metavar="TIME",
               help="The lab's due date (2026-11-23T17:00, local time unless a zone is given); default with --course: "
                    "the course's track start (`inferlab track start TRACK --course DIR`) plus the lab's due offset.")
 def autograde(lab: str, submissions: Path | None, out: Path, course: Path | None, workers: int | None,
               backend: str, ray_address: str | None, sandbox: str, timeout: float, memory_mb: int, gpus: int,
-              force: bool, retry_inconclusive: bool, no_preflight: bool, due: str | None) -> None:
+              force: bool, retry_inconclusive: bool, no_preflight: bool, no_timing: bool, due: str | None) -> None:
     """Grade every submission of LAB in a sandbox, in parallel; scores go to nbgrader's gradebook.
 
     First the lab's reference solution is graded here, in the same sandbox (the preflight); unless
@@ -222,6 +225,7 @@ def autograde(lab: str, submissions: Path | None, out: Path, course: Path | None
       inferlab autograde kv_cache --submissions course/submitted --workers 2 --out grading-output
       inferlab autograde kv_cache --course .    # on the hub, in the course directory
       inferlab autograde kv_cache --course . --retry-inconclusive   # regrade timings that were inconclusive
+      inferlab autograde kv_cache --course . --no-timing   # correctness first; time later with --retry-inconclusive
       inferlab autograde kv_cache --course /srv/course --backend ray --ray-address auto   # on a Ray cluster
     """
     need_extra("nbgrader", "lab")
@@ -255,7 +259,8 @@ def autograde(lab: str, submissions: Path | None, out: Path, course: Path | None
         outcomes = run_autograde(lab, submissions, target, workers=workers, sandbox=sandbox,
                                  limits=Limits(wall_s=timeout, memory_mb=memory_mb, gpus=gpus), force=force,
                                  results_dir=results_dir, backend=backend, ray_address=ray_address, due=due_at,
-                                 preflight=not no_preflight, retry_inconclusive=retry_inconclusive)
+                                 preflight=not no_preflight, retry_inconclusive=retry_inconclusive,
+                                 timing=not no_timing)
     except PreflightFailed as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(4)

@@ -67,7 +67,7 @@ def grade_one(job: dict) -> dict:
     if spec is not None:
         seed = seeds.get(spec.gate, secrets.randbelow(2**31))
         perf_stage.apply(lab, result, run.notebook, source, job["sandbox"], Limits(**job["limits"]), seed,
-                         Path(job["workdir"]))
+                         Path(job["workdir"]), timing=job.get("timing", True))
     result["flags"] = anticheat.flags(result, submitted)  # once, here: the report reads results only
     executed_path = Path(job["executed"])
     executed_path.parent.mkdir(parents=True, exist_ok=True)

@@ -548,9 +548,10 @@ def final_verdict(judge, result, tampered: list[str], seen: Observed, bar: float
 
 
 def apply(lab: str, result: dict, executed, source, backend: str, limits: Limits, seed: int,
-          workdir: Path | None = None) -> dict:
+          workdir: Path | None = None, timing: bool = True) -> dict:
     """Run the lab's timed task for a graded submission (if its gate passed) and fold the verdict into it.
 
+    `timing=False`: the task is left inconclusive, not timed (a quick correctness pass over a class).
     Inconclusive: the task's points are not awarded yet, the task says so (`inconclusive: true`) and
     the result lists it (`inconclusive: [task]`); the gradebook then asks for its grade instead of
     recording a zero. A failure of the grader's own reference process makes the submission a
@@ -561,7 +562,11 @@ def apply(lab: str, result: dict, executed, source, backend: str, limits: Limits
     task = next((t for t in result["tasks"] if t["cell"] == spec.gate), None)
     if task is None or not task["passed"]:
         return result  # not correct (or not reached): nothing to time, the gate's message stands
-    timing = time_submission(lab, executed, source, backend, limits, seed, workdir)
+    if timing:
+        timing = time_submission(lab, executed, source, backend, limits, seed, workdir)
+    else:  # asked not to time (autograde --no-timing): not known yet, so not a pass and not a fail
+        timing = CheckResult(spec.task, INCONCLUSIVE, "not timed in this run (graded with --no-timing): regrade with "
+                             "--retry-inconclusive to time it", {})
     line = result_line(timing)
     if timing.status == ERROR:
         result.update(status="grader-error", error=f"{spec.task}: {timing.message}; regrade with the same command")

@@ -26,6 +26,11 @@ ATTACKS = samples.definitions(LAB, "attacks")
 HOST_TRACES = [Path("/var/tmp/inferlab-pwned"), Path("/tmp/inferlab-pwned")]
 
 
+# The attacks on the timed task itself: graded with the timing stage. The others are graded without it
+# (`timing=False`: KV4 is then left inconclusive wherever its gate passed), which saves a timed run each.
+TIMING_ATTACKS = ("patch-bench-clock", "cut-corners-when-timed")
+
+
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     import inferlab
@@ -34,15 +39,25 @@ def graded(tmp_path_factory):
     for trace in traces:
         trace.unlink(missing_ok=True)
     root = tmp_path_factory.mktemp("attacks")
-    samples.build(LAB, root / "submitted", kind="attacks")
-    samples.build(LAB, root / "submitted", ["reference"])  # an honest neighbour in the same batch
+    untimed = [name for name in ATTACKS if name not in TIMING_ATTACKS]
+    samples.build(LAB, root / "untimed", untimed, kind="attacks")
+    samples.build(LAB, root / "timed", list(TIMING_ATTACKS), kind="attacks")
+    samples.build(LAB, root / "timed", ["reference"])  # an honest neighbour in the same batch
     start = time.perf_counter()
-    outcomes = autograde(LAB, root / "submitted", root / "out", workers=2, sandbox="bwrap",
-                         limits=Limits(wall_s=150), progress=False,
-                         preflight=False)  # the batch has its own honest reference, checked below
+    results = {}
+    for batch, timing in (("untimed", False), ("timed", True)):
+        outcomes = autograde(LAB, root / batch, root / f"out-{batch}", workers=2, sandbox="bwrap",
+                             limits=Limits(wall_s=150), progress=False, timing=timing,
+                             preflight=False)  # the batch has its own honest reference, checked below
+        results.update({o.student: json.loads(o.result_path.read_text()) for o in outcomes})
     seconds = time.perf_counter() - start
-    results = {o.student: json.loads(o.result_path.read_text()) for o in outcomes}
     return results, seconds, traces
+
+
+def awarded(result: dict) -> dict[str, float | str]:
+    """Points per task; "inconclusive" for a task left untimed."""
+    return {notebook.task_of(t["cell"]): "inconclusive" if t.get("inconclusive") else t["points"]
+            for t in result["tasks"]}
 
 
 def output_of(result: dict, cell_id: str) -> str:
@@ -55,8 +70,10 @@ def test_attack_gets_what_its_honest_part_deserves(graded, name):
     results, _, _ = graded
     result = results[name]
     assert result["status"] == "graded", result.get("error")
-    got = {notebook.task_of(t["cell"]): t["points"] for t in result["tasks"]}
-    assert got == ATTACKS[name]["expected"], json.dumps(result["tasks"], indent=1)
+    expected = dict(ATTACKS[name]["expected"])
+    if name not in TIMING_ATTACKS and expected["KV4"]:
+        expected["KV4"] = "inconclusive"  # its gate passed; it was not timed in this batch
+    assert awarded(result) == expected, json.dumps(result["tasks"], indent=1)
 
 
 @pytest.mark.parametrize("name", list(ATTACKS))
@@ -79,7 +96,7 @@ def test_forgeries_earn_nothing_and_are_flagged(graded):
     assert "grader.checks.grade" in results["forge-grade"].get("tampered", []), results["forge-grade"].get("tampered")
     assert "builtins.print" in results["forge-print"].get("tampered", [])
     # Pinned random inputs do nothing to the checker's draws: the honest answers under them get full marks.
-    assert results["seed-game"]["points"] == 10 and "numpy.random.default_rng" in results["seed-game"]["tampered"]
+    assert awarded(results["seed-game"]) == {"KV1": 3, "KV2": 3, "KV3": 2, "KV4": "inconclusive"} and "numpy.random.default_rng" in results["seed-game"]["tampered"]
     assert any("replaced at run time" in f for f in flags_of(results["seed-game"]))
 
 

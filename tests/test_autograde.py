@@ -146,6 +146,9 @@ def test_the_demo_graded_the_reference_first_and_cached_it(graded):
     cache = json.loads((out / "preflight" / LAB / "preflight.json").read_text())
     assert cache["passed"] and cache["result"]["points"] == cache["result"]["max_points"] > 0
     assert "preflight-reference" not in results  # never a learner, in results, reports or the gradebook
+    # The class's reference hand-in is the very notebook the preflight graded: graded once, its grade copied.
+    assert results["reference"]["graded_with"] == "preflight-reference"
+    assert results["reference"]["points"] == 10 and Path(results["reference"]["executed"]).is_file()
     assert "preflight-reference" not in gradebook.scores(out / "gradebook.db", LAB)
 
 

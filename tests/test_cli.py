@@ -84,7 +84,7 @@ def test_grading_commands_reject_bad_input(tmp_path):
     res = run("report", "--results", str(tmp_path), "--out", str(tmp_path / "r"))
     assert res.returncode == 1 and "no grading results" in res.stderr
     res = run("calibrate", "no_such_lab", "--out", str(tmp_path))
-    assert res.returncode == 1 and "no checks module" in res.stderr
+    assert res.returncode == 1 and "no lab package grader/labs/no_such_lab" in res.stderr
 
 
 def test_autograde_help_documents_verdicts_preflight_and_exit_codes():
