@@ -14,10 +14,12 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 
 class Tokenizer:
-    def __init__(self, hf_tokenizer: _HFTokenizer, bos_id: int | None, eos_id: int | None):
+    def __init__(self, hf_tokenizer: _HFTokenizer, bos_id: int | None, eos_id: int | None,
+                 source: str | None = None):
         self._tok = hf_tokenizer
         self.bos_id = bos_id
         self.eos_id = eos_id
+        self.source = source  # the tokenizer.json it was read from, if any: two reads of one file encode alike
 
     @property
     def vocab_size(self) -> int:
@@ -41,7 +43,7 @@ class Tokenizer:
             raise FileNotFoundError(f"{path} is missing: a model directory needs a Hugging Face tokenizer.json")
         tok = _HFTokenizer.from_file(str(path))
         bos_id, eos_id = _special_ids(directory, tok)
-        return cls(tok, bos_id, eos_id)
+        return cls(tok, bos_id, eos_id, source=str(path.resolve()))
 
 
 def _special_ids(directory: Path, tok: _HFTokenizer) -> tuple[int | None, int | None]:
