@@ -160,14 +160,14 @@ def test_a_gpu_run_commits_its_measurement_over_the_estimate_and_reports_it(tmp_
     """What only a GPU run does, on a made-up measurement: the merge into grader/thresholds (here a copy) and
     the report of a GPU machine."""
     m = gpu_check()
-    measured = {"G3": {"min_measured_over_predicted": 0.01, "max_measured_over_predicted": 1.25,
-                       "calibration": {"ratios": [0.02, 0.03], "median_ratio": 0.025, "date": "2026-12-01",
-                                       "measured_on": "GPU", "note": "measured"}}}
+    measured = {"GB3": {"min_measured_over_predicted": 0.01, "max_measured_over_predicted": 1.25,
+                        "calibration": {"ratios": [0.02, 0.03], "median_ratio": 0.025, "date": "2026-12-01",
+                                        "measured_on": "GPU", "note": "measured"}}}
     path = m.commit_thresholds("gpu_basics", "cuda", measured, tmp_path)
     assert path == tmp_path / "grader" / "thresholds" / "gpu_basics.json"
     data = json.loads(path.read_text())
     committed = json.loads((THRESHOLDS / "gpu_basics.json").read_text())
-    assert data["profiles"]["cuda"]["G3"] == measured["G3"] and "estimate" not in data["profiles"]["cuda"]["G3"]
+    assert data["profiles"]["cuda"]["GB3"] == measured["GB3"] and "estimate" not in data["profiles"]["cuda"]["GB3"]
     assert data["profiles"]["cpu"] == committed["profiles"]["cpu"]
     assert not [e for e in m.estimates([THRESHOLDS, path.parent]) if e["lab"] == "gpu_basics"]
 
@@ -188,7 +188,7 @@ def test_a_gpu_run_commits_its_measurement_over_the_estimate_and_reports_it(tmp_
                     "reason": "stopped at its cap of 120 s"}]}
     md = m.markdown({**results, "estimates": []})
     for needle in ("NVIDIA H200, 140 GiB (short name `h200`; thresholds written to the `cuda` profile)",
-                   "580.159.04 / 13.0", "| gpu_basics | G3 | done | GPU | ratios 0.02-0.03; median_ratio 0.025 |",
+                   "580.159.04 / 13.0", "| gpu_basics | GB3 | done | GPU | ratios 0.02-0.03; median_ratio 0.025 |",
                    "| row_softmax (bench/gpu_check.py) | done | cuda | 4096x1000 | 6e-08 (1e-05) | 0.02 | 0.03 | 1.2 |",
                    "* kv_cache: timed out: stopped at its cap of 120 s", "* roi: left out: no GPU part",
                    "**Run on NVIDIA H200: 2 of 3 steps done; not done: kv_cache**"):
