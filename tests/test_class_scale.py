@@ -1,7 +1,7 @@
 """A whole class: every submission graded in its sandbox, none lost, faults explained, and a re-run
 that regrades nothing.
 
-The roi lab's samples (samples/roi.py: reference, stub, wrong, partial, mix) handed in by the class
+The roi lab's samples (grader/labs/roi/samples.py: reference, stub, wrong, partial, mix) handed in by the class
 in nbgrader's layout, plus six faulty hand-ins (three notebooks cut off mid-upload, two learners
 with no notebook, one who handed in their kv_cache notebook). `make test` grades a class of 30
 (INFERLAB_CLASS_SIZE); `make bench-class` grades the class of 200 with the same test, which is too
@@ -93,10 +93,10 @@ def test_messages_name_each_samples_mistake_and_nothing_is_flagged(graded):
     for student, kind in graded["kinds"].items():
         by_kind.setdefault(kind, graded["results"][student])
     messages = {c["task"]: c["message"] for c in by_kind["mix"]["checks"] if c["status"] != "passed"}
-    assert "instead of raising ValueError" in messages["R1"] and "one sequence at a time" in messages["R3"]
+    assert "instead of raising ValueError" in messages["ROI1"] and "one sequence at a time" in messages["ROI3"]
     wrong = {c["task"]: c for c in by_kind["wrong"]["checks"]}
-    assert "3600x too large" in wrong["R1"]["message"]
-    assert wrong["R2"]["measured"].get("follows_your_cost_per_query")
+    assert "3600x too large" in wrong["ROI1"]["message"]
+    assert wrong["ROI2"]["measured"].get("follows_your_cost_per_query")
     for kind, result in by_kind.items():
         assert bool(flags_of(result)) == SAMPLES[kind]["flags"], (kind, flags_of(result))
 
