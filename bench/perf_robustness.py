@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     try:
         for i in range(opts.runs):
             for name in ("reference", "slow"):
-                prepared, _ = prepare(source, notebook.read(built[name]), rng_seed=1000 + i)
+                prepared = prepare(source, notebook.read(built[name]))
                 r = time_submission(lab, prepared, source, backend, limits, seed=1000 + i)
                 m = r.measured
                 outcomes[name].append({"status": r.status, "speedup": m.get("speedup_vs_naive"),

@@ -118,12 +118,13 @@ def continuous_batching_vs_hf(seed: int = 1, rounds: tuple[int, int] = (5, 15)) 
     requests asked for."""
     import transformers
 
-    from grader.labs import continuous_batching as lab
+    from grader.labs import load
+    from grader.labs.continuous_batching import public as lab
     from inferlab import load_model, load_tokenizer
     from inferlab.bench import compare
     from inferlab.loading import resolve_model_dir
 
-    batcher_cls = lab.reference_namespace()["ContinuousBatcher"]
+    batcher_cls = load("continuous_batching").reference_namespace()["ContinuousBatcher"]
     model, tok = load_model("tiny"), load_tokenizer("tiny")
     hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_dir("tiny"), dtype=torch.float32).eval()
     requests = lab.perf_trace(seed)  # [max_new_tokens, *prompt] each

@@ -1,16 +1,14 @@
-"""grader.checks: the check API shared by a notebook's self-checks and the grader's hidden tests.
+"""grader.checks: what a check returns, and the notebook's `self_check`.
 
-A lab's checks are plain functions, one per task, in `grader/labs/<lab>.py`. Each takes
-the learner's code and the inputs to try (sizes, seeds), raises `CheckFailed` with an
-actionable message when the code is wrong, and returns the numbers it measured. The same
-function runs in two places with different inputs:
+A lab's checks (`grader/labs/<lab>/public.py`) are plain functions, one per task: each takes
+the learner's code and the inputs to try, raises `CheckFailed` with an actionable message
+when the code is wrong, and returns the numbers it measured. The same logic runs in two places:
 
 * `self_check(...)` in the learner's notebook, on fixed public inputs. It never raises,
   so running the whole notebook never stops at a check: it prints what passed, what
   failed with the message, and which tasks are not attempted yet.
-* `grade(...)` in a hidden test cell, on inputs drawn at grading time. It raises
-  `AssertionError` on failure, which is how nbgrader scores a test cell, and prints a
-  machine-readable result line that the autograder collects for feedback and reports.
+* the lab's hidden checks (`grading.py`), in the grader's own process on inputs drawn at
+  grading time, against the learner's code running in a sandbox (`grader.check_stage`).
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from typing import Any
 
 PASSED, FAILED, NOT_ATTEMPTED, ERROR, INCONCLUSIVE = "passed", "failed", "not attempted", "error", "inconclusive"
 SKIPPED = "skipped"  # a self-check under the autograder, which checks that task in its own process
-RESULT_MARKER = "inferlab-check-result:"
 
 
 class CheckFailed(AssertionError):
@@ -126,22 +123,3 @@ def _remember(task: str, check: Callable[..., Any], result: CheckResult) -> None
     from .tracks import record_check
 
     record_check(module.split(".")[2], task, result.status)  # grader.labs.<lab>[.public]
-
-
-def grade(task: str, check: Callable[..., dict[str, Any] | None], *args: Any, **kwargs: Any) -> CheckResult:
-    """For hidden test cells: print a result line for the autograder, raise AssertionError unless passed."""
-    result = run_check(task, check, *args, **kwargs)
-    print(RESULT_MARKER + result.to_json())
-    print(result.line())
-    if not result.passed:
-        raise AssertionError(result.line())
-    return result
-
-
-def parse_results(text: str) -> list[CheckResult]:
-    """The check results printed by `grade` in a notebook's outputs, in order."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith(RESULT_MARKER):
-            out.append(CheckResult(**json.loads(line[len(RESULT_MARKER):])))
-    return out

@@ -320,7 +320,7 @@ def report(results: Path, track_name: str | None, out: Path) -> None:
 @main.command()
 @click.option("--track", "track_name", default="quick", show_default=True,
               help="Grade this track's bundled sample class (samples/<track>_class.py), lab by lab.")
-@click.option("--lab", default=None, help="Instead: grade one lab's bundled samples (samples/<lab>.py).")
+@click.option("--lab", default=None, help="Instead: grade one lab's bundled samples (grader/labs/<lab>/samples.py).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-output"),
               show_default=True, help="The course, its submissions, grading output, reports and grades.csv go here.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)

@@ -1,6 +1,6 @@
 """grader.demo: what `make demo` runs: grade a lab's bundled sample class and write the instructor report.
 
-The samples (samples/<lab>.py) are the known kinds of learner work, each with the grade a
+The samples (grader/labs/<lab>/samples.py) are the known kinds of learner work, each with the grade a
 careful human grader would give; the demo grades them exactly as `inferlab autograde` grades a
 class (the reference first, as the preflight), writes the report and grades.csv, and prints
 expected against awarded points. A submission left with an inconclusive timing is regraded once

@@ -2,12 +2,12 @@
 
 1. `prepare`: rebuild the notebook from the lab's *source*, in the source's cell order.
    Solution cells come from the submission (matched by nbgrader `grade_id`); every other
-   identified cell (instructions, setup, self-checks, tests) comes from the source, so a
-   learner cannot edit or delete a test. Hidden tests are restored and each gets a seed
-   drawn now. Cells the learner added keep their place after the cell they followed.
+   identified cell (instructions, setup, self-checks, graded cells) comes from the source, so a
+   learner cannot edit or delete them. Cells the learner added keep their place after the cell
+   they followed.
 2. `execute`: run it in a sandboxed kernel, with wall-time and output limits, never
-   stopping at an error (nbgrader scores a test cell by whether it raised).
-3. `score`: points per test cell, and the check results the hidden tests printed.
+   stopping at an error: the executed notebook is the learner's feedback. The grade comes
+   from the check stage (`grader.check_stage`), which runs after it, outside.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import copy
 import os
 import re
 import signal
-import secrets
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -28,11 +27,8 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 from . import notebook
-from .checks import CheckResult, parse_results
 from .sandbox import Limits, SandboxedKernelManager
 
-GRADED_CELL_OUTPUT_BYTES = 64_000  # per hidden test cell, outside the submission's output limit
-SEED_LINE = re.compile(r"^GRADING_SEED = \d+.*$", re.MULTILINE)
 
 
 class SubmissionError(ValueError):
@@ -69,8 +65,8 @@ def load_submission(path: Path, lab: str, source) -> nbformat.NotebookNode:
                           f"start from labs/{lab}/{lab}.ipynb and keep its cells")
 
 
-def prepare(source, submitted, rng_seed: int | None = None) -> tuple[nbformat.NotebookNode, dict[str, int]]:
-    """The notebook to execute, and the grading seed drawn for each hidden test cell."""
+def prepare(source, submitted) -> nbformat.NotebookNode:
+    """The notebook to execute: the learner's answer cells (and the cells they added) in the source."""
     by_id = {notebook.grade_id(c): c for c in submitted.cells if notebook.grade_id(c)}
     # Learner-added cells (no grade_id) stay after the identified cell they followed.
     extras: dict[str | None, list] = {}
@@ -81,7 +77,6 @@ def prepare(source, submitted, rng_seed: int | None = None) -> tuple[nbformat.No
             anchor = gid
         else:
             extras.setdefault(anchor, []).append(c)
-    seeds: dict[str, int] = {}
     cells = list(extras.get(None, []))
     for src in source.cells:
         gid = notebook.grade_id(src)
@@ -95,15 +90,10 @@ def prepare(source, submitted, rng_seed: int | None = None) -> tuple[nbformat.No
                 cell.source = notebook.strip_solutions(cell.source)
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-        if meta.get("grade") and notebook.HIDDEN_BEGIN in cell.source:
-            seeds[gid] = secrets.randbelow(2**31) if rng_seed is None else (rng_seed + len(seeds)) % 2**31
-            cell.source = SEED_LINE.sub(f"GRADING_SEED = {seeds[gid]}", cell.source)
-            cell.source = "\n".join(line for line in cell.source.splitlines()
-                                    if line.strip() not in (notebook.HIDDEN_BEGIN, notebook.HIDDEN_END))
         cells.append(cell)
         cells.extend(copy.deepcopy(c) for c in extras.get(gid, []))
     nb = nbformat.v4.new_notebook(cells=cells, metadata=copy.deepcopy(source.metadata))
-    return nb, seeds
+    return nb
 
 
 @dataclass
@@ -129,16 +119,13 @@ class LimitedClient(NotebookClient):
 
     async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
         result = await super().async_execute_cell(cell, cell_index, execution_count, store_history)
-        # Only a cell that ran to its end may score: one cut off by the time limit has no error yet no verdict.
+        # Which cells ran to their end (one cut off by the time limit has no error): tells a learner's cell that
+        # started from an environment that failed before any learner code ran (`grader_fault`).
         cell.metadata.setdefault("inferlab", {})["completed"] = True
         return result
 
     def output(self, outs, msg, display_id, cell_index):
         size = len(str(msg.get("content", "")))
-        graded = self.nb.cells[cell_index].metadata.get("nbgrader", {}).get("grade", False)
-        if graded and sum(len(str(o)) for o in outs) + size <= GRADED_CELL_OUTPUT_BYTES:
-            # A hidden test's own report always gets through: a flood elsewhere must not cost its verdict.
-            return super().output(outs, msg, display_id, cell_index)
         self.output_bytes += size
         if self.output_bytes > self.max_output_bytes:
             if not self.truncated:
@@ -245,57 +232,3 @@ def _kill(km) -> None:
         os.killpg(os.getpgid(pid), signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-@dataclass
-class TaskScore:
-    cell: str
-    points: float
-    max_points: float
-    passed: bool
-    message: str = ""
-
-
-@dataclass
-class Scored:
-    tasks: list[TaskScore] = field(default_factory=list)
-    checks: list[CheckResult] = field(default_factory=list)
-
-    @property
-    def points(self) -> float:
-        return sum(t.points for t in self.tasks)
-
-    @property
-    def max_points(self) -> float:
-        return sum(t.max_points for t in self.tasks)
-
-
-def score(executed) -> Scored:
-    """nbgrader's rule: a test cell earns its points when it ran without an error."""
-    out = Scored()
-    for c in executed.cells:
-        meta = c.metadata.get("nbgrader", {})
-        if c.cell_type != "code":
-            continue
-        if not meta.get("grade"):
-            continue  # result lines count only from hidden tests: any other cell could print one
-        text = "".join(o.get("text", "") for o in c.get("outputs", []) if o.get("output_type") == "stream")
-        checks = parse_results(text)
-        out.checks += checks
-        errors = [o for o in c.get("outputs", []) if o.get("output_type") == "error"]
-        completed = c.metadata.get("inferlab", {}).get("completed", False)
-        # A hidden test must also have reported its check as passed: a test cell that merely did not
-        # raise (say, because the learner's code replaced `grade`) earns nothing.
-        reported = not ("grade(" in c.source) or any(r.passed for r in checks)
-        passed = completed and not errors and reported
-        if passed:
-            message = ""
-        elif errors:
-            message = f"{errors[0].get('ename')}: {errors[0].get('evalue')}"[:500]
-        elif not completed:
-            message = "not run to its end (the time limit was reached or the kernel died before it finished)"
-        else:
-            message = "the hidden test did not report a passing check"
-        out.tasks.append(TaskScore(meta["grade_id"], float(meta.get("points", 0)) if passed else 0.0,
-                                   float(meta.get("points", 0)), passed, message))
-    return out

@@ -12,13 +12,12 @@ import secrets
 import sys
 import time
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
 import nbformat
 
-from . import anticheat, check_stage, labs, notebook, perf_stage, verify_stage
-from .execute import SubmissionError, execute, grader_fault, load_submission, prepare, score
+from . import anticheat, check_stage, labs, notebook, perf_stage
+from .execute import SubmissionError, execute, grader_fault, load_submission, prepare
 from .sandbox import Limits
 
 
@@ -35,7 +34,7 @@ def grade_one(job: dict) -> dict:
     except SubmissionError as err:
         result.update(status="rejected", error=str(err))
         return result
-    nb, seeds = prepare(source, submitted, job.get("seed"))
+    nb = prepare(source, submitted)
     run = execute(nb, job["sandbox"], Limits(**job["limits"]), Path(job["workdir"]))
     result.update(timed_out=run.timed_out, kernel_died=run.kernel_died, output_truncated=run.output_truncated,
                   error=run.error, kernel_log=run.kernel_log if run.error else "")
@@ -43,26 +42,18 @@ def grade_one(job: dict) -> dict:
     if fault:
         result.update(status="grader-error", error=f"{fault}; regrade with the same command once it is fixed")
         return result
-    if labs.is_package(lab):
-        # The lab's tasks, checked in this process against the answers running in a sandboxed one
-        # (grader.check_stage): no verdict depends on a process that ran learner code.
-        lab_package = labs.load(lab)
-        task_seeds = draw_seeds([t.id for t in lab_package.spec.tasks], job.get("seed"))
-        try:
-            check_stage.apply(lab_package, result, run.notebook, job["sandbox"], Limits(**job["limits"]), task_seeds,
-                              Path(job["workdir"]))
-        except check_stage.GraderFault as err:
-            result.update(status="grader-error", error=f"{err}; regrade with the same command", points=0.0)
-            return result
-        seeds = result["seeds"]
-        spec = lab_package.spec.timed
-    else:
-        scored = score(run.notebook)
-        result.update(points=scored.points, tasks=[asdict(t) for t in scored.tasks],
-                      checks=[asdict(c) for c in scored.checks], seeds=seeds)
-        # The hidden tests again, in a clean process the learner's code cannot fool (grader.verify_stage).
-        verify_stage.apply(lab, result, run.notebook, job["sandbox"], Limits(**job["limits"]), Path(job["workdir"]))
-        spec = getattr(labs.legacy_module(lab), "TIMED", None)
+    # The lab's tasks, checked in this process against the answers running in a sandboxed one
+    # (grader.check_stage): no verdict depends on a process that ran learner code.
+    lab_package = labs.load(lab)
+    task_seeds = draw_seeds([t.id for t in lab_package.spec.tasks], job.get("seed"))
+    try:
+        check_stage.apply(lab_package, result, run.notebook, job["sandbox"], Limits(**job["limits"]), task_seeds,
+                          Path(job["workdir"]))
+    except check_stage.GraderFault as err:
+        result.update(status="grader-error", error=f"{err}; regrade with the same command", points=0.0)
+        return result
+    seeds = result["seeds"]
+    spec = lab_package.spec.timed
     # A timed task is measured after the notebook, in separate processes (see grader.perf_stage).
     if spec is not None:
         seed = seeds.get(spec.gate, secrets.randbelow(2**31))

@@ -127,5 +127,3 @@ class ClockTampered(RuntimeError):
         super().__init__(f"timing functions were replaced: {', '.join(names)}")
         self.names = names
 
-
-from .timed import TimedTask  # noqa: E402,F401  (kept importable from here)

@@ -6,20 +6,14 @@ reference, so it can neither call nor copy it, and every clock that decides anyt
 read by the driver, outside the sandbox, so patching a timer here changes nothing.
 
 Protocol, one JSON object per line:
-  stdin, first:  {"lab": "kv_cache", "role": "submission" | "reference" | "verify", "cells": [source, ...],
-                  "threads": 1}
+  stdin, first:  {"lab": "kv_cache", "role": "submission" | "reference", "cells": [source, ...], "threads": 1}
   stdout, first: {"ready": [contender names]}  or  {"error": "..."}
-  stdin, then:   {"run": name, "prompt": [token ids]}     (timing)
+  stdin, then:   {"run": name, "prompt": [token ids]}
   stdout, then:  {"tokens": [...], "tampered": [clock names]}  or  {"error": "..."}
-  stdin, then:   {"exec": source}  /  {"hidden": source}   (verify: answer cells, then hidden tests)
-  stdout, then:  {"done": true, "raised": ""}  /  {"results": [check results], "raised": "", "tampered": [...]}
 Whatever the cells print goes to /dev/null: only this protocol uses the real stdout.
 
-The `verify` role re-runs a submission's hidden tests in a clean process (`grader.verify_stage`):
-it records each check's result object itself instead of reading printed lines, and before and
-after each hidden test compares every attribute of the grader, the runtime and the libraries
-they use with a snapshot taken before any learner code ran, so code that replaces `grade`, a
-check, `print` or a clock to fake a result is caught instead of believed.
+`module_state` and `changed` also serve the answers' worker (`grader.answer_worker`), which
+reports what learner code replaced as flags for the instructor.
 """
 
 from __future__ import annotations
@@ -90,8 +84,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(int(setup.get("threads") or 1))
-    from . import checks, perf  # bound (with the original clocks) before any learner code runs
-
+    from . import perf  # bound (with the original clocks) before any learner code runs
     from .labs import load
 
     lab = load(setup["lab"])
@@ -99,55 +92,20 @@ def main() -> int:
 
     shell = InteractiveShell.instance()  # cells may use magics or get_ipython(), as in the notebook
     tampered = perf.tampered_clocks
-    run_check, real_grade = checks.run_check, checks.grade
     for i, source in enumerate(setup["cells"]):
         result = shell.run_cell(source, store_history=False)
         err = result.error_before_exec or result.error_in_exec
         if err is not None:
             send({"error": f"cell {i + 1} of {len(setup['cells'])} raised {type(err).__name__}: {err}"[:800]})
             return 1
-    if setup["role"] == "verify":
-        contenders = {}
-    else:
-        try:
-            contenders = lab.perf_contenders(setup["role"], shell.user_ns)
-        except Exception as err:  # e.g. the function to time is not defined
-            send({"error": f"{type(err).__name__}: {err}"[:800]})
-            return 1
-    # verify: after the lab's locked defining cells (trusted: restored from the source; they also let
-    # torch finish wrapping itself, as loading a model does to torch.manual_seed), before any learner code.
-    baseline = module_state() if setup["role"] == "verify" else {}
+    try:
+        contenders = lab.perf_contenders(setup["role"], shell.user_ns)
+    except Exception as err:  # e.g. the function to time is not defined
+        send({"error": f"{type(err).__name__}: {err}"[:800]})
+        return 1
     send({"ready": sorted(contenders)})
     for line in commands:
         command = loads(line)
-        if "exec" in command:  # verify: the next answer cell (or a cell the learner added)
-            result = shell.run_cell(command["exec"], store_history=False)
-            err = result.error_before_exec or result.error_in_exec
-            send({"done": True, "raised": f"{type(err).__name__}: {err}"[:800] if err is not None else ""})
-            continue
-        if "hidden" in command:  # verify: a hidden test cell, its check results recorded, not printed
-            edits = changed(baseline, module_state())
-            recorded = []
-            raised = ""
-            if not edits:
-                def recording_grade(task, check, *args, **kwargs):
-                    outcome = run_check(task, check, *args, **kwargs)
-                    recorded.append(outcome)
-                    if not outcome.passed:
-                        raise AssertionError(outcome.line())
-                    return outcome
-
-                checks.grade = recording_grade  # what the cell's `from grader.checks import grade` picks up
-                shell.user_ns["checks"] = lab  # the lab's real checks, whatever the learner bound to the name
-                try:
-                    result = shell.run_cell(command["hidden"], store_history=False)
-                finally:
-                    checks.grade = real_grade
-                err = result.error_before_exec or result.error_in_exec
-                raised = f"{type(err).__name__}: {err}"[:800] if err is not None else ""
-                edits = changed(baseline, module_state())
-            send({"results": [] if edits else [vars(r) for r in recorded], "raised": raised, "tampered": edits[:20]})
-            continue
         try:
             tokens = [int(t) for t in contenders[command["run"]](list(command["prompt"]))]
             if torch.cuda.is_available():

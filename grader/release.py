@@ -118,36 +118,35 @@ def generate(lab: str, dest: Path, root: Path = REPO_ROOT) -> Path:
 
 
 def platform_problems(lab: str, root: Path = REPO_ROOT) -> list[str]:
-    """For a lab on the v2 platform: where its source notebook contradicts its spec, and whether the stored
+    """Where a lab's source notebook contradicts its spec (grader/labs/<lab>/), and whether the stored
     expected values of its self-checks are those the grading side computes now."""
     import json
 
     from . import labs
 
     if not labs.is_package(lab):
-        return []
+        return [f"solutions/{lab}/ has no lab package grader/labs/{lab}/ (its spec, checks and grading side)"]
     loaded = labs.load(lab)
     problems = [f"solutions/{lab}/{lab}.ipynb: {p}" for p in labs.notebook_problems(
         loaded.spec, notebook.read(root / "solutions" / lab / f"{lab}.ipynb"))]
-    expected = getattr(loaded.grading, "public_expected", None)
+    expected = loaded.public_expected()
     if expected is not None:
         path = loaded.directory / "public_expected.json"
-        if not path.is_file() or json.loads(path.read_text()) != expected():
+        if not path.is_file() or json.loads(path.read_text()) != expected:
             problems.append(f"{path.relative_to(REPO_ROOT)} (stale: `inferlab release {lab}` rewrites it)")
     return problems
 
 
 def write_public_expected(lab: str) -> None:
-    """Store the expected values of a platform lab's public self-check inputs, computed by its grading side."""
+    """Store the expected values of a lab's public self-check inputs, computed by its grading side."""
     import json
 
     from . import labs
 
-    if labs.is_package(lab):
-        loaded = labs.load(lab)
-        expected = getattr(loaded.grading, "public_expected", None)
-        if expected is not None:
-            (loaded.directory / "public_expected.json").write_text(json.dumps(expected(), indent=1) + "\n")
+    loaded = labs.load(lab)
+    expected = loaded.public_expected()
+    if expected is not None:
+        (loaded.directory / "public_expected.json").write_text(json.dumps(expected, indent=1) + "\n")
 
 
 def release(lab: str, root: Path = REPO_ROOT, out: Path | None = None) -> Path:

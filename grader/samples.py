@@ -1,4 +1,4 @@
-"""grader.samples: build a lab's sample submissions (grader/labs/<lab>/samples.py, or samples/<lab>.py) as notebooks.
+"""grader.samples: build a lab's sample submissions (grader/labs/<lab>/samples.py) as notebooks.
 
 They are generated from the lab's one source, the solution notebook, so they never drift
 from it: a fully solved notebook is the source with hidden tests removed; each variant
@@ -8,8 +8,6 @@ then replaces some answer cells with known-bad code.
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 from pathlib import Path
 
 import nbformat
@@ -17,31 +15,11 @@ import nbformat
 from . import notebook
 from .catalogue import REPO_ROOT
 
-
-KINDS = {"samples": ("{lab}.py", "SAMPLES"), "attacks": ("{lab}_attacks.py", "ATTACKS")}
-
-
 def definitions(lab: str, kind: str = "samples") -> dict:
-    """A lab's sample submissions or attack submissions: `grader/labs/<lab>/samples.py` / `attacks.py` for a lab
-    on the platform, `samples/<lab>.py` / `samples/<lab>_attacks.py` for the others."""
+    """A lab's sample submissions (`grader/labs/<lab>/samples.py`) or attack submissions (`attacks.py`)."""
     from . import labs
 
-    filename, attribute = KINDS[kind]
-    if labs.is_package(lab):
-        if not (labs.LABS_DIR / lab / f"{kind}.py").is_file():  # kind is "samples" or "attacks": the module's name
-            raise FileNotFoundError(f"lab {lab!r} has no {kind} definitions at grader/labs/{lab}/{kind}.py")
-        return getattr(importlib.import_module(f"grader.labs.{lab}.{kind}"), attribute)
-    path = REPO_ROOT / "samples" / filename.format(lab=lab)
-    if not path.is_file():
-        raise FileNotFoundError(f"lab {lab!r} has no {kind} definitions at {path}")
-    import sys
-
-    if str(REPO_ROOT) not in sys.path:  # definitions may import each other as `samples.<lab>`
-        sys.path.insert(0, str(REPO_ROOT))
-    spec = importlib.util.spec_from_file_location(f"samples_{lab}_{kind}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, attribute)
+    return labs.load(lab).definitions(kind)
 
 
 def solved(lab: str):

@@ -1,6 +1,6 @@
 """The bundled sample class of the quick track, graded by `make demo` (`inferlab demo --track quick`).
 
-Six learners through one afternoon, each lab's hand-in one of that lab's samples (samples/<lab>.py,
+Six learners through one afternoon, each lab's hand-in one of that lab's samples (grader/labs/<lab>/samples.py,
 with the grade a careful human grader gives it): right, slow, wrong, partly done, missing, and one
 learner who patches the timer. `opened` is when they first ran the lab's notebook, in minutes after
 the track started; `minutes` is how long they worked on it before submitting. A lab a learner
@@ -16,7 +16,8 @@ LEARNERS = {
             "kv_cache": {"sample": "reference", "opened": 32, "minutes": 45},
             "continuous_batching": {"sample": "reference", "opened": 80, "minutes": 55},
             "roi": {"sample": "reference", "opened": 137, "minutes": 20}},
-    # Correct but unoptimised: the cache and the scheduler work, neither is fast; late from kv_cache on.
+    # Right tokens, shortcut algorithms: generation without a cache, a scheduler that only refills an empty batch
+    # (static batching behind its interface); late from kv_cache on.
     "ben": {"gpu_basics": {"sample": "reference", "opened": 0, "minutes": 35},
             "kv_cache": {"sample": "slow", "opened": 37, "minutes": 60},
             "continuous_batching": {"sample": "slow", "opened": 99, "minutes": 70},

@@ -91,9 +91,10 @@ def test_forgeries_earn_nothing_and_are_flagged(graded):
     """Verdicts come from the checker's process: a forged result line, a patched `grade` or `print`, fake checks
     or pinned random inputs change nothing it computes; what the learner's process replaced is flagged."""
     results, _, _ = graded
-    for name in ("forge-grade", "forge-print", "fake-checks"):
+    for name in ("forge-self-check", "forge-print", "fake-checks"):
         assert results[name]["points"] == 0, name
-    assert "grader.checks.grade" in results["forge-grade"].get("tampered", []), results["forge-grade"].get("tampered")
+    forged = results["forge-self-check"].get("tampered", [])
+    assert "grader.checks.self_check" in forged, forged
     assert "builtins.print" in results["forge-print"].get("tampered", [])
     # Pinned random inputs do nothing to the checker's draws: the honest answers under them get full marks.
     assert awarded(results["seed-game"]) == {"KV1": 3, "KV2": 3, "KV3": 2, "KV4": "inconclusive"} and "numpy.random.default_rng" in results["seed-game"]["tampered"]

@@ -78,7 +78,7 @@ def variant(cells: dict[str, str] | None = None, from_release: bool = False, kee
     for gid, source in (cells or {}).items():
         c = notebook.cell(nb, gid)
         c.source = (c.source + "\n\n" + source) if keep_solution else source
-    prepared, _ = prepare(SOURCE, nb, 1)
+    prepared = prepare(SOURCE, nb)
     return prepared
 
 

@@ -395,7 +395,7 @@ def variant(name: str, built: dict) -> object:
         notebook.cell(nb, "gb2-solution").source = CALL_THE_FORMULA
     else:
         nb = notebook.read(built[name])
-    prepared, _ = prepare(notebook.read(SOURCE), nb, 1)
+    prepared = prepare(notebook.read(SOURCE), nb)
     return prepared
 
 

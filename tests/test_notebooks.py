@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from grader import labs, notebook
+from grader import notebook
 from grader.catalogue import REPO_ROOT
-from grader.checks import NOT_ATTEMPTED, PASSED, parse_results
+from grader.checks import NOT_ATTEMPTED
 from grader.release import source_labs
 
 nbclient = pytest.importorskip("nbclient", reason="notebook tests need the lab extra (pip install -e '.[lab]')")
@@ -36,11 +36,6 @@ def test_solution_notebook_passes_every_check_in_budget(lab, tmp_path):
     text = outputs(nb)
     self_checks = [line for line in text.splitlines() if line.startswith("[")]
     assert self_checks and all("] passed" in line for line in self_checks), "\n".join(self_checks)
-    hidden = parse_results(text)
-    if labs.is_package(lab):  # on the platform: hidden checks run in the grader's process (tests/test_check_stage.py)
-        assert not hidden, [r.line() for r in hidden]
-    else:
-        assert hidden and all(r.status == PASSED for r in hidden), [r.line() for r in hidden]
     assert seconds <= SOLUTION_BUDGET_S, f"{lab} solution took {seconds:.0f} s (budget {SOLUTION_BUDGET_S} s)"
 
 

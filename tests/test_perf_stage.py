@@ -44,7 +44,7 @@ def submission(source, k2_extra: str = "", added_cell: str | None = None):
         import nbformat
 
         nb.cells.insert(nb.cells.index(cell) + 1, nbformat.v4.new_code_cell(added_cell))
-    prepared, _ = prepare(source, nb, rng_seed=3)
+    prepared = prepare(source, nb)
     return prepared
 
 

@@ -452,7 +452,7 @@ def variant(cells: dict[str, str] | None = None, replace: dict[str, tuple[str, s
         c = notebook.cell(nb, gid)
         assert old in c.source, old
         c.source = c.source.replace(old, new)
-    prepared, _ = prepare(notebook.read(SOURCE), nb, 1)
+    prepared = prepare(notebook.read(SOURCE), nb)
     return prepared
 
 

@@ -89,7 +89,7 @@ def test_unstable_but_clearly_below_the_bar_fails():
 
 
 def test_unstable_and_straddling_the_bar_is_inconclusive_with_the_numbers():
-    # What C4 once passed with: an interval of about [0.5, 1.3] around a bar of 0.76.
+    # What CB4 (then C4) once passed with: an interval of about [0.5, 1.3] around a bar of 0.76.
     status, message, measured = verdict(rounds([0.5, 1.3, 0.7, 1.1, 0.6, 0.9]))
     assert status == INCONCLUSIVE, (message, measured)
     assert "too noisy to tell" in message and "against a bar of 76%" in message and "--retry-inconclusive" in message
@@ -245,7 +245,7 @@ def test_a_thread_left_running_fails_while_the_reference_passes():
     def timed(extra: str):
         nb = copy.deepcopy(samples.solved("kv_cache"))
         notebook.cell(nb, kv_cache.SPEC.timed.cells[-1]).source += "\n" + extra
-        prepared, _ = prepare(source, nb, rng_seed=3)
+        prepared = prepare(source, nb)
         return time_submission("kv_cache", prepared, source, "bwrap", Limits(threads=1), seed=11)
 
     reference = timed("")

@@ -1,10 +1,8 @@
 """grader.labs: the registry of labs. `load(name)` is the one way to reach a lab's parts.
 
-A lab on the v2 platform is a package (`grader/labs/<lab>/`, laid out as `spec.py` says) whose
-`__init__` declares `SPEC`. Its parts are imported only when asked for, so that the sandboxed
-learner's process imports `public` and `probes` and never `grading`, which it cannot see.
-Labs not yet moved to the platform are single modules (`grader/labs/<lab>.py`), reached the old way
-(`legacy_module`), until they move.
+A lab is a package (`grader/labs/<lab>/`, laid out as `spec.py` says) whose `__init__` declares
+`SPEC`. Its parts are imported only when asked for, so that the sandboxed learner's process
+imports `public` and `probes` and never `grading`, which it cannot see.
 """
 
 from __future__ import annotations
@@ -83,6 +81,21 @@ class Lab:
     def reference_namespace(self) -> dict[str, Any]:
         return self._function("grading", "reference_namespace")()
 
+    def public_expected(self) -> dict[str, Any] | None:
+        """What `public_expected.json` must hold (the self-checks' stored expected values), or None if the lab
+        stores none (`grading.public_expected`)."""
+        expected = getattr(self.grading, "public_expected", None)
+        return expected() if expected is not None else None
+
+    def definitions(self, kind: str) -> dict[str, Any]:
+        """The lab's sample submissions (`samples.py`, SAMPLES) or attacks (`attacks.py`, ATTACKS)."""
+        names = {"samples": "SAMPLES", "attacks": "ATTACKS"}
+        if kind not in names:
+            raise ValueError(f"kind must be one of {', '.join(names)}, got {kind!r}")
+        if not (self.directory / f"{kind}.py").is_file():
+            raise FileNotFoundError(f"lab {self.name!r} has no {kind} definitions at grader/labs/{self.name}/{kind}.py")
+        return getattr(self._part(kind), names[kind])
+
     @property
     def calibrates(self) -> bool:
         """Whether the lab has bars measured on a machine (`grading.calibrate`)."""
@@ -99,12 +112,12 @@ class Lab:
 
 
 def is_package(name: str) -> bool:
-    """Whether lab `name` is on the v2 platform (a package with a SPEC)."""
+    """Whether there is a lab package `grader/labs/<name>/`."""
     return (LABS_DIR / name / "__init__.py").is_file()
 
 
 def names() -> list[str]:
-    """Every lab on the v2 platform, by name."""
+    """Every lab package, by name."""
     return sorted(p.name for p in LABS_DIR.iterdir() if (p / "__init__.py").is_file())
 
 
@@ -117,7 +130,7 @@ def load(name: str) -> Lab:
         return _LOADED[name]
     if not is_package(name):
         known = ", ".join(names()) or "none"
-        raise LabSpecError(f"no lab package grader/labs/{name}/ (labs on the platform: {known})")
+        raise LabSpecError(f"no lab package grader/labs/{name}/ (labs: {known})")
     spec = importlib.import_module(f"grader.labs.{name}").SPEC
     if not isinstance(spec, LabSpec) or spec.name != name:
         raise LabSpecError(f"grader/labs/{name}/__init__.py must declare SPEC = LabSpec(name={name!r}, ...)")
@@ -164,10 +177,5 @@ def strip_grading_side(labs_dir: Path = LABS_DIR) -> list[Path]:
     return removed
 
 
-def legacy_module(name: str) -> ModuleType:
-    """A lab not yet on the platform: its single checks module."""
-    return importlib.import_module(f"grader.labs.{name}")
-
-
-__all__ = ["GRADING_SIDE", "Lab", "grading_side_paths", "strip_grading_side", "LabSpec", "LabSpecError", "Task", "is_package", "legacy_module", "load", "names",
+__all__ = ["GRADING_SIDE", "Lab", "grading_side_paths", "strip_grading_side", "LabSpec", "LabSpecError", "Task", "is_package", "load", "names",
            "notebook_problems"]

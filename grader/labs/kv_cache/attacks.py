@@ -1,6 +1,6 @@
 """Attack submissions of the kv_cache lab: each tries to get around the grader, with the grade it deserves.
 
-Same format as samples/kv_cache.py (`grader.samples.build("kv_cache", out, kind="attacks")`):
+Same format as grader/labs/kv_cache/samples.py (`grader.samples.build("kv_cache", out, kind="attacks")`):
 each replaces answer cells of a fully solved notebook (or, with `from_release`, of the learner
 release). `expected` is what a careful human grader gives the *honest* part of the work; `flags`
 says whether the instructor report must list the submission. `tests/test_adversarial.py` grades
@@ -10,10 +10,8 @@ them all in one batch and asserts both, plus what each attack must not have achi
 from grader.labs.kv_cache.samples import SLOW_KV2  # noqa: F401 (re-exported for the definitions below)
 
 FORGED_LINE = '''
-import json as _json
 import grader.checks as _g
-_line = lambda task: _g.RESULT_MARKER + _json.dumps({"task": task, "status": "passed", "message": "",
-                                                      "measured": {}, "seconds": 0.0})
+_line = lambda task: f"[{task}] passed"
 '''
 
 ALL = {"KV1": 3, "KV2": 3, "KV3": 2, "KV4": 2}
@@ -23,10 +21,10 @@ NO_CACHE = {"KV1": 3, "KV2": 0, "KV3": 2, "KV4": 0}  # right tokens without a ca
 
 ATTACKS = {
     # --- faking results -------------------------------------------------------------------------
-    "forge-grade": {  # replaces the hidden tests' `grade` with one that prints passing result lines
+    "forge-self-check": {  # replaces `self_check` with one that prints a passing line for every task
         "from_release": True,
         "cells": {"kv1-solution": FORGED_LINE + '''
-_g.grade = lambda task, check, *a, **k: print(_line(task))
+_g.self_check = self_check = lambda task, check, *a, **k: print(_line(task))
 class ContiguousKVCache:
     pass
 '''}, "expected": NONE, "flags": True},
@@ -37,10 +35,8 @@ import builtins, re as _re
 _print = builtins.print
 def _lying_print(*args, **kw):
     text = " ".join(str(a) for a in args)
-    if text.startswith(_g.RESULT_MARKER):
-        task = _json.loads(text[len(_g.RESULT_MARKER):])["task"]
-        return _print(_line(task), **kw)
-    return _print(*args, **kw)
+    found = _re.match(r"\\[(\\w+)\\] ", text)
+    return _print(_line(found.group(1)), **kw) if found else _print(*args, **kw)
 builtins.print = _lying_print
 class ContiguousKVCache:
     pass

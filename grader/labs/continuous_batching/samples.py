@@ -1,5 +1,6 @@
-"""Sample submissions of the continuous_batching lab: each a known kind of learner work, with the grade a
-careful human grader would give. `grader.samples.build("continuous_batching", out)` writes them as notebooks.
+"""grader.labs.continuous_batching.samples: sample submissions of the continuous_batching lab, each a known kind of
+learner work, with the grade a careful human grader would give. `grader.samples.build("continuous_batching", out)`
+writes them as notebooks.
 
 Each variant edits answer cells of a fully solved notebook (`replace`: one textual edit of the
 reference answer, a learner's typical mistake; `cells`: a whole answer cell); `from_release`
@@ -23,7 +24,7 @@ def edited(cell_id: str, edits: list[tuple[str, str]]) -> str:
                      if line.strip() not in (notebook.SOLUTION_BEGIN, notebook.SOLUTION_END)) + "\n"
 
 
-# ---------------------------------------------------------------- mistakes in C1 (static batching)
+# ---------------------------------------------------------------- mistakes in CB1 (static batching)
 
 # Forgets the attention mask: real tokens attend to the padding on their left.
 C1_NO_MASK = [(", cache,\n                   attention_mask=attention_mask[:, :width])", ", cache)"),
@@ -35,15 +36,16 @@ C1_RIGHT_PADDING = [("tokens[b, width - len(prompt):]", "tokens[b, :len(prompt)]
 # Stops the whole batch at the first eos.
 C1_EOS_STOPS_ALL = [("        if all(done):\n", "        if any(done):\n")]
 
-# ---------------------------------------------------------------- mistakes in C2 (the scheduler)
+# ---------------------------------------------------------------- mistakes in CB2 (the scheduler)
 
 # Static batching behind the same interface: a new group is admitted only once the last one is done.
-# Correct, and keeps every rule; only C4 (throughput) can tell.
+# Right tokens, within every limit, but waiting requests are left out of free lanes: not iteration-level
+# scheduling (CB2's admission rule), and no faster than static batching (CB4).
 C2_ADMITS_ONLY_WHEN_EMPTY = [(
     "        while self.waiting and self.free_lanes and len(self.waiting[0][1].prompt) <= budget:",
     "        filling = not self.running  # static: a new group only once the last one is done\n"
     "        while filling and self.waiting and self.free_lanes and len(self.waiting[0][1].prompt) <= budget:")]
-# Carries C1's habit over: every running request decodes at one shared position (the largest).
+# Carries CB1's habit over: every running request decodes at one shared position (the largest).
 C2_SHARED_POSITION = [(
     "positions = torch.tensor([[seq.last_position] for seq in running], device=self.device)  # [B, 1]",
     "positions = torch.tensor([max(seq.last_position for seq in running)], device=self.device)  # [1]")]
@@ -68,7 +70,7 @@ C2_EXTRA_LANE = [("self.free_lanes = list(range(max_batch_size))", "self.free_la
 C2_DROPS_FIRST_TOKEN = [("            emit(seq, int(logits[0, -1].argmax()))",
                          "            seq.tokens.append(int(logits[0, -1].argmax()))  # forgot to report it")]
 
-# ---------------------------------------------------------------- mistakes in C3 (the measurement)
+# ---------------------------------------------------------------- mistakes in CB3 (the measurement)
 
 # Serves the whole trace at once, ignoring when requests arrive.
 C3_IGNORES_ARRIVALS = [("            time.sleep(max(0.0, waiting[0].arrival_s - now()))  # idle until the next arrival\n"
@@ -79,18 +81,25 @@ C3_IGNORES_ARRIVALS = [("            time.sleep(max(0.0, waiting[0].arrival_s - 
 C3_WRONG_PERCENTILES = [('"p50_s": float(np.percentile(latencies, 50)), "p99_s": float(np.percentile(latencies, 99))',
                          '"p50_s": float(np.mean(latencies) * 1.5), "p99_s": float(max(latencies) * 1.2)')]
 
-ALL = {"C1": 3, "C2": 4, "C3": 1, "C4": 2}
+ALL = {"CB1": 3, "CB2": 4, "CB3": 1, "CB4": 2}
+NONE = {"CB1": 0, "CB2": 0, "CB3": 0, "CB4": 0}
 
+# The grades a careful human grader gives, under the rule that work counts as well as tokens (issue 11) and that
+# a task building on another counts only once that one is right (CB3 on CB1 and CB2, CB4 on CB2):
 SAMPLES = {
     "reference": {"cells": {}, "expected": ALL, "flags": False},
-    "stub": {"from_release": True, "cells": {}, "expected": {"C1": 0, "C2": 0, "C3": 0, "C4": 0}, "flags": False},
-    # Correct everywhere, but admits requests only into an empty batch: no faster than static batching.
-    "slow": {"cells": {"c2-solution": edited("c2-solution", C2_ADMITS_ONLY_WHEN_EMPTY)},
-             "expected": {"C1": 3, "C2": 4, "C3": 1, "C4": 0}, "flags": False},
-    # C1 without the attention mask: padded rows differ. C2 to C4 do not use C1's tokens (C3 counts them).
-    "wrong": {"cells": {"c1-solution": edited("c1-solution", C1_NO_MASK)},
-              "expected": {"C1": 0, "C2": 4, "C3": 1, "C4": 2}, "flags": False},
-    # C2 decodes at one shared position: wrong tokens, so C4 is not timed either.
-    "shared-position": {"cells": {"c2-solution": edited("c2-solution", C2_SHARED_POSITION)},
-                        "expected": {"C1": 3, "C2": 0, "C3": 1, "C4": 0}, "flags": False},
+    "stub": {"from_release": True, "cells": {}, "expected": NONE, "flags": False},
+    # Right tokens, but admits requests only into an empty batch: static batching behind the scheduler's interface.
+    # CB2 asks for an iteration-level scheduler ("requests join and leave every step"): a careful grader gives it no
+    # CB2 points (it was 4 when only the tokens and the limits counted), and so no CB3 (its "continuous" numbers
+    # measure static batching) and no CB4 (nothing continuous to time; it was 0 already, on speed).
+    "slow": {"cells": {"cb2-solution": edited("cb2-solution", C2_ADMITS_ONLY_WHEN_EMPTY)},
+             "expected": {"CB1": 3, "CB2": 0, "CB3": 0, "CB4": 0}, "flags": False},
+    # CB1 without the attention mask: padded rows differ. CB3 measures static batching with these wrong tokens, so
+    # it gets nothing either (it was 1: issue 12, item 6). CB2 and CB4 do not use CB1's code.
+    "wrong": {"cells": {"cb1-solution": edited("cb1-solution", C1_NO_MASK)},
+              "expected": {"CB1": 0, "CB2": 4, "CB3": 0, "CB4": 2}, "flags": False},
+    # CB2 decodes at one shared position: wrong tokens, so neither CB3 (it was 1) nor CB4 counts.
+    "shared-position": {"cells": {"cb2-solution": edited("cb2-solution", C2_SHARED_POSITION)},
+                        "expected": {"CB1": 3, "CB2": 0, "CB3": 0, "CB4": 0}, "flags": False},
 }
