@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Autogrades the quick track's bundled sample class (six learners x four labs, 7.8 minutes on 2 cores with each lab's preflight;
+# Autogrades the quick track's bundled sample class (six learners x four labs, 4.2 minutes on 2 quiet cores with each lab's preflight;
 # a re-run skips graded ones), writes demo-output/report.html (the track), reports/<lab>/ and grades.csv,
 # and prints awarded against expected points.
 demo: install
