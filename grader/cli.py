@@ -442,16 +442,25 @@ def track_start(name: str, out: Path | None, course: Path | None, at: str | None
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The folder track start wrote to [default: $INFERLAB_HOME or ~/.inferlab].")
 def track_status(out: Path | None) -> None:
-    """The started track's labs: budget, due time, time left and self-check results."""
-    from .tracks import TrackError, status_rows
+    """The started track's labs: budget, due time, time left before it is due, and self-check results.
+
+    Self-checks count from the copy of each lab's notebook the track follows (the first one opened);
+    a scratch copy's checks are listed as not counted.
+
+    \b
+    Example:
+      inferlab track status
+    """
+    from .tracks import STATUS_COLUMNS, TrackError, status_rows
 
     try:
         head, rows = status_rows(out)
     except TrackError as err:
         raise click.ClickException(str(err)) from None
     click.echo(head)
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for row in rows:
+    table = [list(STATUS_COLUMNS), *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    for row in table:
         click.echo("  " + "  ".join(v.ljust(w) for v, w in zip(row[:4], widths)) + "  " + row[4])
 
 

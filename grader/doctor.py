@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .catalogue import LABS
 
@@ -98,6 +99,10 @@ def diagnose(bandwidth_mb: float = 128) -> list[Finding]:
         found.append(Finding("versions", dist, v or "not installed", ok=v is not None or dist not in
                              ("inferlab", "torch", "tokenizers", "safetensors")))
 
+    import inferlab
+
+    # The runtime that runs: on a hub or after `nbgrader fetch` it is the installed one, not a copy beside the notebooks.
+    found.append(Finding("versions", "inferlab source", str(Path(inferlab.__file__).resolve().parent)))
     found.append(Finding("hardware", "cpu", f"{cpu_name()}, {os.cpu_count()} cores, torch threads "
                                             f"{torch.get_num_threads()}"))
     cuda = torch.cuda.is_available()

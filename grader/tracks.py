@@ -161,15 +161,34 @@ def current(folder: Path | None = None) -> tuple[Track, dt.datetime] | None:
     return started((Path(folder) if folder else state_dir()) / STATE_FILE)
 
 
+def notebook_path(lab: str) -> str:
+    """The notebook this kernel runs: Jupyter names it to the kernel (`JPY_SESSION_NAME`); otherwise the lab's
+    notebook in the working directory, which is the notebook's folder under Jupyter."""
+    named = os.environ.get("JPY_SESSION_NAME", "")
+    if named.endswith(".ipynb"):
+        return str(Path(named).expanduser().resolve())
+    return str((Path.cwd() / f"{lab}.ipynb").resolve())
+
+
 def record_check(lab: str, task: str, status: str, folder: Path | None = None, at: dt.datetime | None = None) -> None:
-    """Remember a self-check's outcome (for `track status`, and for the lab folder's progress file)."""
+    """Remember a self-check's outcome (for `track status`, and for the lab folder's progress file).
+
+    The track follows one copy of each lab's notebook: the first one opened (or checked) since the track
+    started. A self-check run in any other copy (a scratch copy, an older attempt) is kept apart, under
+    `other_copies`, so it never overwrites the status of the copy that will be handed in."""
     when = (at or now_utc()).isoformat(timespec="seconds")
+    this = notebook_path(lab)
     for path in ((Path(folder) if folder else state_dir()) / "progress.json", Path.cwd() / PROGRESS_FILE):
-        if path.name == PROGRESS_FILE and not (path.parent / f"{lab}.ipynb").is_file():
-            continue  # only inside the lab's own folder, which nbgrader's submit carries along
+        own = path.parent / f"{lab}.ipynb"
+        if path.name == PROGRESS_FILE and not (own.is_file() and Path(this) == own.resolve()):
+            continue  # only the lab's own notebook, in its own folder, which nbgrader's submit carries along
         try:
             data = json.loads(path.read_text()) if path.is_file() else {}
             entry = data if path.name == PROGRESS_FILE else data.setdefault(lab, {})
+            if path.name != PROGRESS_FILE:
+                entry.setdefault("notebook", this)
+                if entry["notebook"] != this:
+                    entry = entry.setdefault("other_copies", {}).setdefault(this, {})
             entry.setdefault("checks", {})[task] = {"status": status, "at": when}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(data, indent=1) + "\n")
@@ -178,18 +197,23 @@ def record_check(lab: str, task: str, status: str, folder: Path | None = None, a
 
 
 def opened(lab: str, folder: Path | None = None, at: dt.datetime | None = None) -> dict[str, Any]:
-    """Record, once, when the learner first opened `lab` (in their state and in the lab's folder)."""
+    """Record, once, when the learner first opened `lab` (in their state and in the lab's folder), and which
+    copy of its notebook the track follows."""
     when = (at or now_utc()).isoformat(timespec="seconds")
+    this = notebook_path(lab)
     here = Path.cwd() / PROGRESS_FILE
     result = {}
     for path in ((Path(folder) if folder else state_dir()) / "progress.json", here):
-        if path == here and not (path.parent / f"{lab}.ipynb").is_file():
+        own = path.parent / f"{lab}.ipynb"
+        if path == here and not (own.is_file() and Path(this) == own.resolve()):
             continue
         try:
             data = json.loads(path.read_text()) if path.is_file() else {}
             entry = data if path == here else data.setdefault(lab, {})
             if path == here:
                 entry.setdefault("lab", lab)
+            else:
+                entry.setdefault("notebook", this)
             entry.setdefault("opened", when)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(data, indent=1) + "\n")
@@ -244,8 +268,11 @@ def show_time_left(lab: str) -> None:
         print(f"Track timing is unavailable: {err}")
 
 
+STATUS_COLUMNS = ("lab", "budget", "due", "time left before due", "self-checks")
+
+
 def status_rows(folder: Path | None = None, now: dt.datetime | None = None) -> tuple[str, list[list[str]]]:
-    """`inferlab track status`: a heading and one row per lab of the started track."""
+    """`inferlab track status`: a heading and one row per lab of the started track (`STATUS_COLUMNS`)."""
     from .release import source_labs
 
     on = current(folder)
@@ -259,10 +286,14 @@ def status_rows(folder: Path | None = None, now: dt.datetime | None = None) -> t
     for entry in track.labs:
         due = begun + entry.due
         left = due - now
-        checks = done.get(entry.lab, {}).get("checks", {})
+        followed = done.get(entry.lab, {})
+        checks = followed.get("checks", {})
         passed = sum(c["status"] == "passed" for c in checks.values())
         checked = (f"{passed}/{len(checks)} passed" + "".join(f" {t}:{c['status']}" for t, c in sorted(checks.items()))
                    if checks else ("not opened" if entry.lab not in done else "no self-check run yet"))
+        if followed.get("notebook") and followed.get("other_copies"):
+            checked += (f" (in {Path(followed['notebook']).name}; {len(followed['other_copies'])} other "
+                        f"cop{'y' if len(followed['other_copies']) == 1 else 'ies'} not counted)")
         rows.append([entry.lab, f"{entry.minutes} min", f"{due.astimezone():%a %d %b %H:%M}",
                      format_duration(left) + ("" if left.total_seconds() >= 0 else " overdue"),
                      checked if entry.lab in available else "not in this course yet"])

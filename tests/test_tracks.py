@@ -166,3 +166,46 @@ def test_cli_start_status_and_bad_input(tmp_path):
     assert "Examples:" in cli("track", "--help").stdout
     none = cli("track", "status", env={**env, "INFERLAB_HOME": str(tmp_path / "nobody")})
     assert none.returncode != 0 and "no track started yet" in none.stderr
+
+
+def test_a_scratch_copy_never_overwrites_the_followed_notebooks_status(tmp_path, monkeypatch):
+    """The track follows the copy of a lab's notebook opened first; checks run in another copy are kept apart."""
+    home, lab_folder = tmp_path / "home", tmp_path / "kv_cache"
+    lab_folder.mkdir()
+    (lab_folder / "kv_cache.ipynb").write_text("{}")
+    (lab_folder / "kv_cache-Copy1.ipynb").write_text("{}")
+    monkeypatch.setenv("INFERLAB_HOME", str(home))
+    monkeypatch.delenv("INFERLAB_AUTOGRADE", raising=False)
+    monkeypatch.chdir(lab_folder)
+    tracks.start("quick", T0)
+    monkeypatch.setenv("JPY_SESSION_NAME", str(lab_folder / "kv_cache.ipynb"))
+    tracks.show_time_left("kv_cache")
+    tracks.record_check("kv_cache", "KV1", "passed")
+    monkeypatch.setenv("JPY_SESSION_NAME", str(lab_folder / "kv_cache-Copy1.ipynb"))  # a scratch copy
+    tracks.show_time_left("kv_cache")
+    tracks.record_check("kv_cache", "KV1", "failed")
+    _, rows = tracks.status_rows(now=T0 + dt.timedelta(minutes=10))
+    row = next(r for r in rows if r[0] == "kv_cache")
+    assert "1/1 passed" in row[4] and "KV1:passed" in row[4] and "1 other copy not counted" in row[4], row
+    progress = json.loads((lab_folder / tracks.PROGRESS_FILE).read_text())  # the handed-in copy's own file
+    assert progress["checks"]["KV1"]["status"] == "passed"
+
+
+def test_status_has_column_headers(tmp_path):
+    import os
+
+    env = {**os.environ, "INFERLAB_HOME": str(tmp_path)}
+    assert cli("track", "start", "quick", env=env).returncode == 0
+    out = cli("track", "status", env=env).stdout.splitlines()
+    assert out[1].split() == ["lab", "budget", "due", "time", "left", "before", "due", "self-checks"], out[:3]
+
+
+def test_the_learners_readme_lists_the_quick_track_as_tracks_json_does():
+    """labs/README.md is what a learner's folder starts with: its table must match the track's labs and budgets."""
+    from grader.catalogue import REPO_ROOT
+
+    text = (REPO_ROOT / "labs" / "README.md").read_text()
+    for entry in tracks.get_track("quick").labs:
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{entry.lab}` |")), None)
+        assert row is not None and row.rstrip(" |").endswith(f"{entry.minutes} min"), (entry.lab, row)
+    assert "inferlab track start quick" in text and "inferlab autograde kv_cache --submissions" in text
