@@ -259,3 +259,16 @@ def test_a_thread_left_running_fails_while_the_reference_passes():
     print(f"\nhonest: {reference.measured['cpu_between_calls_s']} s of CPU in "
           f"{reference.measured['idle_between_calls_s']} s idle; spinning: {spinning.measured['cpu_between_calls_s']} s "
           f"in {spinning.measured['idle_between_calls_s']} s")
+
+
+def test_a_self_check_that_cannot_tell_says_so_and_never_passes(capsys):
+    """A self-check whose interval straddles its bar prints INCONCLUSIVE (rerun), neither passed nor FAILED."""
+    from grader.checks import INCONCLUSIVE, TooNoisy, self_check
+
+    def straddling():
+        raise TooNoisy("too noisy to tell: the 95% interval [2.61, 3.40] straddles the bar of 2.9x; close other "
+                       "programs and run this cell again", speedup_vs_naive=2.95)
+
+    result = self_check("KV4", straddling)
+    assert result.status == INCONCLUSIVE and not result.passed
+    assert capsys.readouterr().out.startswith("[KV4] INCONCLUSIVE: too noisy to tell")

@@ -46,7 +46,7 @@ import torch
 
 from inferlab import Transformer, naive_generate
 
-from ...checks import CheckFailed
+from ...checks import CheckFailed, TooNoisy
 from ..common import as_tokens, model_fingerprint, random_args, random_model
 
 LAB = "continuous_batching"
@@ -792,8 +792,8 @@ def check_cb4_speed(static_fn: Any, batcher_cls: Any, seed: int = PUBLIC_SEED, m
                 "calibrated_reference_speedup_vs_static": calibrated,  # measured once, on the calibration machine
                 "profile": bar["profile"], "rounds": result.rounds}
     if low < bar["min_speedup_vs_static"] <= high:
-        raise CheckFailed(f"too noisy to tell: the 95% interval [{low:.2f}, {high:.2f}] straddles the bar of "
-                          f"{bar['min_speedup_vs_static']}x; close other programs and run this cell again", **measured)
+        raise TooNoisy(f"too noisy to tell: the 95% interval [{low:.2f}, {high:.2f}] straddles the bar of "
+                       f"{bar['min_speedup_vs_static']}x; close other programs and run this cell again", **measured)
     if speedup < bar["min_speedup_vs_static"]:
         raise CheckFailed(
             f"ContinuousBatcher serves {PERF_REQUESTS} mixed-length requests {speedup:.2f}x as fast as your static "

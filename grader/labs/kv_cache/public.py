@@ -31,7 +31,7 @@ import torch
 
 from inferlab import ModelArgs, Transformer, naive_generate
 
-from ...checks import CheckFailed
+from ...checks import CheckFailed, TooNoisy
 from ..common import PositionCounter, as_tokens, random_args, random_model, tensor_bytes_held
 
 LAB = "kv_cache"
@@ -324,11 +324,12 @@ def check_kv4_speed(generate_fn: Any, seed: int = PUBLIC_SEED, profile: str | No
     speedup = result.speedup("candidate")
     low, high = result.ratios["candidate"]["ci_low"], result.ratios["candidate"]["ci_high"]
     measured = {"speedup_vs_naive": round(speedup, 2), "ci95": [round(low, 2), round(high, 2)],
-                "threshold": bar["min_speedup_vs_naive"], "reference_speedup_vs_naive": reference,
+                "threshold": bar["min_speedup_vs_naive"],
+                "calibrated_reference_speedup_vs_naive": reference,  # measured once, on the calibration machine
                 "profile": bar["profile"], "rounds": result.rounds}
     if low < bar["min_speedup_vs_naive"] <= high:
-        raise CheckFailed(f"too noisy to tell: the 95% interval [{low:.2f}, {high:.2f}] straddles the bar of "
-                          f"{bar['min_speedup_vs_naive']}x; close other programs and run this cell again", **measured)
+        raise TooNoisy(f"too noisy to tell: the 95% interval [{low:.2f}, {high:.2f}] straddles the bar of "
+                       f"{bar['min_speedup_vs_naive']}x; close other programs and run this cell again", **measured)
     if speedup < bar["min_speedup_vs_naive"]:
         raise CheckFailed(
             f"cached_generate is {speedup:.2f}x as fast as recompute for {KV4_NEW_TOKENS} tokens after a "
