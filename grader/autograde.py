@@ -177,8 +177,13 @@ def autograde(lab: str, submissions_dir: Path, out: Path, workers: int | None = 
             ray.shutdown()
     results = [_with_timing(o.result_path, subs, due) for o in outcomes]
     record(out / "gradebook.db", lab, notebook.read(source), results, due=due)
-    for r in results:
-        write_feedback(out, lab, r)
+    for o, r in zip(outcomes, results):
+        page = str(write_feedback(out, lab, r))
+        if r.get("feedback") != page:  # where the report links each learner's row to
+            r["feedback"] = page
+            tmp = o.result_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(r, indent=1, default=str))
+            tmp.replace(o.result_path)
     return sorted(outcomes, key=lambda o: o.student)
 
 

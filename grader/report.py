@@ -18,6 +18,7 @@ import csv
 import html
 import io
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -40,11 +41,33 @@ def flags_of(result: dict) -> list[str]:
 
 def _png(fig) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    return f"<img alt='plot' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+    return f"<img alt='plot' style='max-width:100%' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+
+
+def brief(text: str, limit: int = 160) -> str:
+    """`text` up to `limit` characters, cut after a whole clause (never mid-word or mid-number), with an ellipsis."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    for marks in ((". ", "; ", ": "), (" (", ", ")):  # the end of a sentence or clause first, then of a phrase
+        cut = max(head.rfind(mark) for mark in marks)
+        if cut > limit // 3:
+            return head[:cut].rstrip(" ,;:(") + " …"
+    return head[:head.rfind(" ")].rstrip(" ,;:(") + " …"
+
+
+def feedback_link(result: dict, page_dir: Path | None) -> str:
+    """The learner's name, linked to their feedback page (relative to the report) when there is one."""
+    page = result.get("feedback")
+    if page_dir is None or not page or not Path(page).is_file():
+        return result["student"]
+    href = os.path.relpath(page, page_dir)
+    return Html(f"<a href='{html.escape(href)}'>{html.escape(result['student'])}</a>")
 
 
 def not_final(result: dict) -> str:
@@ -56,14 +79,20 @@ def not_final(result: dict) -> str:
     return ""
 
 
+class Html(str):
+    """A table cell that is already HTML (a link), not text to escape."""
+
+
 def _table(headers: list[str], rows: list[list]) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{v if isinstance(v, Html) else esc(str(v))}</td>" for v in row) + "</tr>"
+                   for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def build(results: list[dict]) -> tuple[str, list[dict]]:
+def build(results: list[dict], page_dir: Path | None = None) -> tuple[str, list[dict]]:
+    """The report page and the grades rows; `page_dir`: where the page will be written (its links are relative)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,14 +109,14 @@ def build(results: list[dict]) -> tuple[str, list[dict]]:
                 f"{sum(bool(r.get('inconclusive')) for r in results)} with an inconclusive timing (not graded "
                 "yet).</p>"]
 
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = plt.subplots(figsize=(9, 4))
     ax.hist([r["points"] for r in results], bins=[x - 0.5 for x in range(int(max_points) + 2)], color="#4a7ab5")
     ax.set(xlabel=f"score (of {max_points:g})", ylabel="submissions", title="Score distribution")
     sections += ["<h2>Scores</h2>", _png(fig)]
 
     pass_rate = {t: sum(any(x["task"] == t and x["points"] == x["max_points"] for x in rs) for rs in rows.values())
                  / len(rows) for t in tasks}
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = plt.subplots(figsize=(9, 4))
     ax.bar(list(pass_rate), [100 * v for v in pass_rate.values()], color="#5aa469")
     ax.set(ylabel="% passed", ylim=(0, 100), title="Per-task pass rate")
     sections += ["<h2>Tasks</h2>", _png(fig),
@@ -97,7 +126,7 @@ def build(results: list[dict]) -> tuple[str, list[dict]]:
     perf = [(r["student"], c["task"], c["measured"]) for r in results for c in r.get("checks", [])
             if "threshold" in c.get("measured", {})]
     if perf:
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig, ax = plt.subplots(figsize=(9, 4))
         by_task: dict[str, list[float]] = {}
         for _, task, m in perf:
             speed = next((v for k, v in m.items() if k.startswith("speedup")), None)
@@ -126,7 +155,7 @@ def build(results: list[dict]) -> tuple[str, list[dict]]:
                      _table(["student", "task", "fraction of reference", "95% interval", "bar", "rounds", "why"],
                             [[s, c["task"], c["measured"].get("fraction_of_reference", "-"),
                               c["measured"].get("fraction_ci95", "-"), c["measured"].get("min_fraction_of_reference", "-"),
-                              c["measured"].get("rounds", "-"), c["message"][:200]] for s, c in sorted(
+                              c["measured"].get("rounds", "-"), brief(c["message"], 240)] for s, c in sorted(
                                   unknown, key=lambda x: (x[0], x[1]["task"]))])]
     else:
         sections.append("<p>None: every timed task got a clear verdict.</p>")
@@ -134,10 +163,11 @@ def build(results: list[dict]) -> tuple[str, list[dict]]:
     reasons = Counter()
     for r in results:
         if r["status"] != "graded":
-            reasons[f"{r['status']}: {r.get('error', '')[:100]}"] += 1
+            reasons[f"{r['status']}: {brief(r.get('error', ''))}"] += 1
         for t in rows[r["student"]]:
             if t["points"] < t["max_points"] and t["message"] and t["status"] != "inconclusive":
-                reasons[f"{t['task']}: {t['message'].split(':')[0][:100]}"] += 1
+                said = t["message"].removeprefix(f"[{t['task']}] ")
+                reasons[f"{t['task']}: {brief(said)}"] += 1
     sections += ["<h2>Failure reasons (most common first)</h2>",
                  _table(["reason", "submissions"], reasons.most_common()) if reasons else "<p>None.</p>"]
 
@@ -158,7 +188,8 @@ def build(results: list[dict]) -> tuple[str, list[dict]]:
         return "inconclusive" if row["status"] == "inconclusive" else f"{row['points']:g}"
 
     sections += ["<h2>Grades</h2>", _table(["student", "status", "score"] + tasks + ["not final because"],
-                                           [[r["student"], r["status"], f"{r['points']:g} / {r['max_points']:g}"]
+                                           [[feedback_link(r, page_dir), r["status"],
+                                             f"{r['points']:g} / {r['max_points']:g}"]
                                             + [task_cell(r["student"], task) for task in tasks] + [not_final(r)]
                                             for r in sorted(results, key=lambda r: r["student"])])]
     style = ("<style>body{font-family:sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse;"
@@ -191,7 +222,7 @@ def time_on_task_section(lab: str, results: list[dict]) -> list[str]:
     budget = lab_budget(lab)
     if timed:
         minutes = [r["time_on_task_s"] / 60 for r in timed]
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig, ax = plt.subplots(figsize=(9, 4))
         ax.hist(minutes, bins=12, color="#b58a4a")
         if budget:
             ax.axvline(budget, color="red", label=f"budget {budget} min")
@@ -235,14 +266,14 @@ def build_track(track_name: str, by_lab: dict[str, list[dict]]) -> tuple[str, li
                 "budget each learner was given.</p>",
                 _table(["lab", "budget min", "submissions", "graded", "mean score", "full marks",
                         "median min on task", "late"], rows)]
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = plt.subplots(figsize=(10, 4))
     ax.bar([r[0] for r in rows], [float(r[4].rstrip("%")) for r in rows], color="#4a7ab5")
     ax.set(ylabel="mean score (%)", ylim=(0, 100), title=f"Track {track.name}: mean score per lab")
     sections += ["<h2>Scores</h2>", _png(fig)]
     timed = {e.lab: [r["time_on_task_s"] / 60 for r in by_lab[e.lab] if r.get("time_on_task_s") is not None]
              for e in labs}
     if any(timed.values()):
-        fig, ax = plt.subplots(figsize=(7, 3))
+        fig, ax = plt.subplots(figsize=(10, 4))
         for i, entry in enumerate(labs):
             ax.scatter([i] * len(timed[entry.lab]), timed[entry.lab], alpha=0.7, color="#b58a4a")
             ax.hlines(entry.minutes, i - 0.3, i + 0.3, colors="red", label="budget" if i == 0 else None)
@@ -302,5 +333,5 @@ def _write(out: Path, page: str, grades: list[dict]) -> tuple[Path, Path]:
 
 def write_report(results_dir: Path, out: Path) -> tuple[Path, Path]:
     results = load_results(results_dir)
-    page, grades = build(results)
+    page, grades = build(results, Path(out).resolve())
     return _write(out, page, grades)

@@ -134,6 +134,14 @@ def test_report_and_grades_csv(graded, tmp_path):
                     "<h2>Flagged"):
         assert heading in text
     assert text.count("data:image/png;base64") >= 3
+    # Each learner's row links to their feedback page, relative to the report; reasons end on a whole clause.
+    import re
+
+    links = re.findall(r"<a href='([^']+)'>(\w[\w-]*)</a>", text)
+    assert {name for _, name in links} == set(SAMPLES), links
+    assert all((tmp_path / href).resolve().is_file() for href, _ in links)
+    reasons = text.split("<h2>Failure reasons")[1].split("<h2>")[0]
+    assert all(len(cell) <= 170 for cell in re.findall(r"<td>([^<]*)</td>", reasons))
     rows = list(csv.DictReader(grades.open()))
     assert {"Student", "ID", "SIS User ID", "SIS Login ID", "Section", LAB} <= set(rows[0])
     assert {r["Student"]: float(r[LAB]) for r in rows}["reference"] == 10
@@ -320,3 +328,46 @@ def test_an_inconclusive_timing_is_shown_not_recorded_and_regraded_on_request(tm
     ada = json.loads((results / "ada.json").read_text())
     assert ada["status"] == "graded" and not ada.get("inconclusive") and ada["points"] == 0  # a stub: 0, for real now
     assert gradebook.needing_grades(db, LAB) == {"ada": [], "ben": []}
+
+
+def test_report_reasons_are_cut_after_a_whole_clause():
+    from grader.report import brief
+
+    said = ("cached_generate fed the model 684 positions for 24 new tokens after a 17-token prompt; a cache needs 40 "
+            "(the prompt once, then one position per new token): prefill once, then feed only the newest token")
+    assert brief(said) == ("cached_generate fed the model 684 positions for 24 new tokens after a 17-token prompt; a cache "
+                           "needs 40 (the prompt once, then one position per new token) …")
+    assert brief(said, 100) == "cached_generate fed the model 684 positions for 24 new tokens after a 17-token prompt …"
+    assert brief("short and whole") == "short and whole"
+
+
+def test_report_and_a_feedback_page_in_a_real_browser(graded, tmp_path):
+    """An instructor opens the lab's report in Chromium, follows a learner's link to their feedback page; both
+    pages are kept as screenshots (test-artifacts/browser/report-kv_cache.png, feedback-kv_cache-slow.png)."""
+    import browser
+
+    if browser.skip_reason():
+        pytest.skip(browser.skip_reason())
+    from playwright.sync_api import sync_playwright
+
+    out, _, _, _ = graded
+    report, _ = write_report(out, tmp_path / "report")
+    with sync_playwright() as pw:
+        chromium = browser.launch_chromium(pw)
+        try:
+            page = browser.new_page(chromium)
+            console = browser.capture_console(page)
+            with browser.artifacts_on_failure(page, "report-kv_cache", console=console):
+                page.goto(report.as_uri())
+                page.get_by_role("heading", name="Failure reasons (most common first)").wait_for()
+                assert page.locator("img[alt='plot']").count() >= 3
+                shot = browser.save_screenshot(page, "report-kv_cache")
+                page.get_by_role("link", name="slow", exact=True).click()
+                page.wait_for_load_state()
+                text = page.inner_text("body")
+                assert "KV2" in text and "positions" in text, text[:500]  # why `slow` lost KV2's points
+                feedback = browser.save_screenshot(page, "feedback-kv_cache-slow")
+        finally:
+            chromium.close()
+    for png in (shot, feedback):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
