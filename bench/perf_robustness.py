@@ -72,7 +72,9 @@ def main(argv=None) -> int:
                                        "reference_speedup": m.get("reference_speedup_vs_naive"),
                                        "fraction_of_reference": m.get("fraction_of_reference"),
                                        "threshold": m.get("threshold"), "rounds": m.get("rounds"),
-                                       "seconds": round(r.seconds, 1)})
+                                       "fraction_ci95": m.get("fraction_ci95"), "seconds": round(r.seconds, 1),
+                                       # why, for a run that is not a clean pass or fail: its own justification
+                                       "message": r.message if r.status not in ("passed",) else ""})
                 print(f"run {i + 1:>2} {name:<9} {r.status:<7} {m.get('speedup_vs_naive')}x, "
                       f"{m.get('fraction_of_reference')} of the reference's {m.get('reference_speedup_vs_naive')}x "
                       f"(bar {m.get('min_fraction_of_reference')}, {r.seconds:.0f} s)", flush=True)
@@ -85,7 +87,11 @@ def main(argv=None) -> int:
         "torch_threads": opts.threads, "sandbox": backend,
         "min_fraction_of_reference": threshold(lab, "KV4")["min_fraction_of_reference"],
         "reference_passed": sum(o["status"] == "passed" for o in outcomes["reference"]),
+        "reference_failed": sum(o["status"] == "failed" for o in outcomes["reference"]),
+        "reference_inconclusive": sum(o["status"] == "inconclusive" for o in outcomes["reference"]),
         "slow_failed": sum(o["status"] == "failed" for o in outcomes["slow"]),
+        "slow_passed": sum(o["status"] == "passed" for o in outcomes["slow"]),
+        "slow_inconclusive": sum(o["status"] == "inconclusive" for o in outcomes["slow"]),
         "seconds": round(time.perf_counter() - start, 1), "outcomes": outcomes,
     }
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -97,8 +103,9 @@ def main(argv=None) -> int:
     from run import markdown
 
     (opts.out / "results.md").write_text(markdown(results))
-    print(f"reference passed {summary['reference_passed']}/{opts.runs}, slow failed {summary['slow_failed']}/{opts.runs}; "
-          f"wrote {path}")
+    print(f"reference: {summary['reference_passed']} passed, {summary['reference_inconclusive']} inconclusive, "
+          f"{summary['reference_failed']} failed; slow: {summary['slow_failed']} failed, "
+          f"{summary['slow_inconclusive']} inconclusive, {summary['slow_passed']} passed (of {opts.runs} each); wrote {path}")
     return 0
 
 

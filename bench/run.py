@@ -228,8 +228,10 @@ def markdown(results: dict) -> str:
                       "reference), on the reference sample and on the 'slow' sample, alternating, "
                       f"{'with' if s['cpu_bound_neighbour'] else 'without'} a CPU-bound process alongside, "
                       f"{s.get('torch_threads', 1)} torch thread(s) per process:", "",
-                      f"* reference passed **{s['reference_passed']} / {s['runs']}**; slow failed "
-                      f"**{s['slow_failed']} / {s['runs']}** ({s['seconds']:.0f} s in all); the bar: "
+                      f"* reference passed **{s['reference_passed']} / {s['runs']}** (failed "
+                      f"{s.get('reference_failed', '?')}, inconclusive {s.get('reference_inconclusive', '?')}); slow "
+                      f"failed **{s['slow_failed']} / {s['runs']}** (passed {s.get('slow_passed', '?')}, inconclusive "
+                      f"{s.get('slow_inconclusive', '?')}); {s['seconds']:.0f} s in all; the bar: "
                       f"{s.get('min_fraction_of_reference', '?')} of the reference's speedup"]
             for who in ("reference", "slow"):
                 rows = [o for o in s["outcomes"][who] if o.get("speedup") is not None]
@@ -244,6 +246,10 @@ def markdown(results: dict) -> str:
                              f"({refs[0]}x to {refs[-1]}x)")
                 lines.append(line + f"; per run {min(o['seconds'] for o in rows):.0f} to "
                                     f"{max(o['seconds'] for o in rows):.0f} s")
+            for who in ("reference", "slow"):  # each inconclusive run, with the reason it gave
+                for i, o in enumerate(s["outcomes"][who], 1):
+                    if o["status"] == "inconclusive":
+                        lines.append(f"* {who}, run {i}, inconclusive: {o.get('message', '')}")
             lines.append("")
     return "\n".join(lines)
 
