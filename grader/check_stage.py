@@ -32,6 +32,7 @@ from typing import Any
 
 from . import notebook, wire
 from .checks import ERROR, FAILED, NOT_ATTEMPTED, PASSED, CheckFailed, CheckResult
+from .labs.common import positions_fed
 from .sandbox import Limits, start_sandboxed, stop_sandboxed
 
 MAX_SECONDS = 600.0  # the whole stage: start-up, the answer cells, every task's check
@@ -66,6 +67,7 @@ class ServedModel:
     model: Any
     positions: int = 0  # tokens processed, summed over every forward call (batch rows x new tokens)
     calls: list[tuple[int, int]] = field(default_factory=list)  # (batch rows, tokens per row) of each call
+    fed: list[int] = field(default_factory=list)  # the positions of batch row 0, in the order they were fed
 
 
 class Learner:
@@ -183,6 +185,7 @@ class Learner:
                                                                            served.model.args)
             served.calls.append((int(tokens.shape[0]), int(tokens.shape[1])))
             served.positions += int(tokens.numel())
+            served.fed += positions_fed(tokens, pos)
             with torch.no_grad():
                 logits = served.model(tokens.long(), None if pos is None else pos.long(), cache,
                                       None if mask is None else mask.bool())

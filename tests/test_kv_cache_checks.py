@@ -121,7 +121,8 @@ def test_off_by_one_position_is_caught(reference, tiny):
     source = notebook.cell(notebook.read(SOURCE), "kv2-solution").source
     exec(source.replace("len(prompt) + i]", "len(prompt) + i + 1]"), ns)
     result = run_check("KV2", checks.verify_generate, checks.counted(ns["cached_generate"]), 0, tiny, 12)
-    assert result.status == FAILED and "differs from naive_generate" in result.message, result.line()
+    assert result.status == FAILED and "was fed position 29 where position 28 comes next" in result.message, \
+        result.line()
     # KV4 is then not timed: it requires KV2 (the lab's spec), whatever the long prompt shows.
     assert "KV2" in labs.load("kv_cache").spec.task("KV4").requires
 
@@ -210,3 +211,17 @@ def test_tokens_that_claim_to_equal_anything_are_caught(tiny):
 
     result = run_check("KV2", checks.verify_generate, checks.counted(lies), 0, tiny, 6)
     assert result.status == FAILED and "differs from naive_generate" in result.message, result.line()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_an_off_by_one_decode_position_fails_kv2_on_every_seed(seed, tiny):
+    """The 'wrong' sample feeds decode steps one position too far, leaving a hole in the cache. Its tokens often
+    still match (the hole's zero key gets little attention); the positions fed, counted where the model runs, never
+    do: a careful grader gives it no KV2 points, on any seed."""
+    nb = notebook.read(SOURCE)
+    answer = notebook.cell(nb, "kv2-solution")
+    assert "len(prompt) + i]" in answer.source
+    answer.source = answer.source.replace("len(prompt) + i]", "len(prompt) + i + 1]")
+    wrong = notebook.exec_cells(nb, SOLUTION_CELLS)
+    result = run_check("KV2", checks.verify_generate, checks.counted(wrong["cached_generate"]), seed, tiny, 16)
+    assert result.status == FAILED, result.line()

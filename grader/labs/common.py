@@ -76,11 +76,23 @@ class PositionCounter:
 
     def __init__(self, model: Transformer):
         self.positions = 0
+        self.fed: list[int] = []  # the positions of batch row 0, in the order they were fed (`positions_fed`)
         self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
         tokens = args[0] if args else kwargs.get("tokens")
+        input_pos = args[1] if len(args) > 1 else kwargs.get("input_pos")
         self.positions += int(tokens.numel())
+        self.fed += positions_fed(tokens, input_pos)
 
     def close(self) -> None:
         self._hook.remove()
+
+
+def positions_fed(tokens, input_pos) -> list[int]:
+    """The positions one forward call feeds for batch row 0: `input_pos` ([T] or [B, T]), or 0..T-1 without it
+    (the model's default)."""
+    if input_pos is None:
+        return list(range(int(tokens.shape[-1])))
+    row = input_pos if input_pos.dim() == 1 else input_pos[0]
+    return [int(x) for x in row.reshape(-1).tolist()]

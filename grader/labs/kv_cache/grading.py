@@ -59,16 +59,17 @@ def public_expected() -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the learner, remotely
 
 def remote_generate(learner) -> Generate:
-    """cached_generate in the learner's process, driving a model served from here; returns (tokens, positions)."""
+    """cached_generate in the learner's process, driving a model served from here; returns (tokens, positions
+    processed, positions fed in order), all counted here."""
     served: dict[int, dict] = {}
 
-    def generate(model: Transformer, prompt: list[int], n: int, **sampling: Any) -> tuple[list[int], int]:
+    def generate(model: Transformer, prompt: list[int], n: int, **sampling: Any) -> tuple[list[int], int, list[int]]:
         if id(model) not in served:
             served[id(model)] = learner.serve(model)
         spec = served[id(model)]
-        before = learner.served(spec).positions
+        before, fed_before = learner.served(spec).positions, len(learner.served(spec).fed)
         tokens = learner.call("generate", model=spec, prompt=list(prompt), max_new_tokens=n, sampling=sampling)
-        return tokens, learner.served(spec).positions - before
+        return tokens, learner.served(spec).positions - before, learner.served(spec).fed[fed_before:]
     return generate
 
 

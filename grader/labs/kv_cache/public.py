@@ -38,8 +38,8 @@ LAB = "kv_cache"
 PUBLIC_SEED = 0
 EXPECTED_PATH = Path(__file__).with_name("public_expected.json")
 
-# Generate(model, prompt, n, **sampling) -> (new tokens, positions the model processed).
-Generate = Callable[..., tuple[list[int], int]]
+# Generate(model, prompt, n, **sampling) -> (new tokens, positions the model processed, the positions fed in order).
+Generate = Callable[..., tuple[list[int], int, list[int]]]
 
 
 # ------------------------------------------------------------------------------------------------ KV1
@@ -127,9 +127,12 @@ def verify_generate(generate: Generate, seed: int, bundled: Transformer, new_tok
     for net, prompt, kw, which in cases:
         n = min(new_tokens, net.args.max_seq_len - len(prompt))
         want = naive_generate(net, prompt, n, **kw)
-        tokens, positions = generate(net, list(prompt), n, **kw)
+        tokens, positions, fed = generate(net, list(prompt), n, **kw)
         got = as_tokens(tokens, "cached_generate's result")
+        fewest, most = len(prompt) + len(want) - 1, most_positions(len(prompt), len(want))
         if got != want:
+            if positions <= most:  # a cached loop: a position fed out of order is the likeliest cause, and says where
+                verify_fed(fed, len(prompt))
             where = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
             mode = "greedy" if kw["temperature"] == 0 else f"sampled ({kw})"
             raise CheckFailed(
@@ -138,7 +141,6 @@ def verify_generate(generate: Generate, seed: int, bundled: Transformer, new_tok
                 "prefill the whole prompt once, then feed exactly one new token per step at position "
                 "len(prompt) + i, and call sample() once per step with make_generator(seed)",
                 first_mismatch=where)
-        fewest, most = len(prompt) + len(want) - 1, most_positions(len(prompt), len(want))
         if positions > most:
             raise CheckFailed(
                 f"the tokens are right, but the model processed {positions} positions to generate {len(want)} "
@@ -150,11 +152,12 @@ def verify_generate(generate: Generate, seed: int, bundled: Transformer, new_tok
                 f"the model you were given processed only {positions} positions for {len(want)} new tokens after a "
                 f"{len(prompt)}-token prompt (at least {fewest} are needed): generate with the model passed to "
                 "cached_generate, not another copy", positions=positions)
+        verify_fed(fed, len(prompt))
         worst = max(worst, positions / len(want))
         checked += 1
     model, prompt = cases[0][0], cases[0][1]
     eos = naive_generate(model, prompt, 1)[0]
-    tokens, _ = generate(model, list(prompt), new_tokens, eos_id=eos)
+    tokens, _, _ = generate(model, list(prompt), new_tokens, eos_id=eos)
     got = as_tokens(tokens, "cached_generate's result")
     if got != [eos]:
         raise CheckFailed(f"with eos_id={eos} generation should stop right after emitting it; got {len(got)} tokens")
@@ -162,12 +165,26 @@ def verify_generate(generate: Generate, seed: int, bundled: Transformer, new_tok
             "most_positions_per_new_token": round(worst, 2)}
 
 
+def verify_fed(fed: list[int], prompt_len: int) -> None:
+    """A cached generation feeds each position once, in order: the prompt at 0..p-1 (at once or in pieces), then
+    p, p+1, ... one per step. A skipped or repeated position leaves a hole in the cache or overwrites a slot,
+    which the tokens do not always show (a hole's zero key still gets some attention)."""
+    for i, position in enumerate(fed):
+        if position != i:
+            said = (f"position {position} where position {i} comes next" if i else f"position {position} first")
+            raise CheckFailed(
+                f"the model was fed {said} (after a {prompt_len}-token prompt at 0..{prompt_len - 1}): feed each "
+                "position once and in order, the prompt first, then each new token at position len(prompt) + i, "
+                "so that every slot of the cache holds the key and value of its position",
+                position_fed=position, position_expected=i)
+
+
 def counted(generate_fn: Callable[..., Any]) -> Generate:
     """A learner's cached_generate, in this process, with the positions the model processes counted."""
-    def generate(model: Transformer, prompt: list[int], n: int, **kw: Any) -> tuple[list[int], int]:
+    def generate(model: Transformer, prompt: list[int], n: int, **kw: Any) -> tuple[list[int], int, list[int]]:
         counter = PositionCounter(model)
         try:
-            return generate_fn(model, prompt, n, **kw), counter.positions
+            return generate_fn(model, prompt, n, **kw), counter.positions, counter.fed
         finally:
             counter.close()
     return generate
@@ -264,7 +281,7 @@ def verify_ready(generate: Generate, seed: int, bundled: Transformer) -> dict[st
     requires KV2 to have passed: `requires` in the lab's spec)."""
     prompt = long_prompts(seed, 1)[0]
     want = naive_generate(bundled, prompt, KV4_NEW_TOKENS)
-    tokens, positions = generate(bundled, list(prompt), KV4_NEW_TOKENS)
+    tokens, positions, _ = generate(bundled, list(prompt), KV4_NEW_TOKENS)
     if as_tokens(tokens, "cached_generate's result") != want:
         raise CheckFailed("KV4 times cached_generate, so it must first return naive_generate's tokens "
                           f"for a {KV4_PROMPT_TOKENS}-token prompt: make KV2 pass first")
