@@ -127,3 +127,17 @@ class ClockTampered(RuntimeError):
         super().__init__(f"timing functions were replaced: {', '.join(names)}")
         self.names = names
 
+
+def self_check_speed(speedup: float, ci95: tuple[float, float], bar: float, measured: dict[str, Any],
+                     too_slow: str) -> dict[str, Any]:
+    """A notebook's verdict on a speedup it measured itself: passed at or above `bar`; inconclusive (`TooNoisy`:
+    rerun) when the 95% interval straddles the bar; failed, with `too_slow`, below it."""
+    from .checks import CheckFailed, TooNoisy
+
+    low, high = ci95
+    if low < bar <= high:
+        raise TooNoisy(f"too noisy to tell: the 95% interval [{low:.2f}, {high:.2f}] straddles the bar of {bar}x; "
+                       "close other programs and run this cell again", **measured)
+    if speedup < bar:
+        raise CheckFailed(too_slow, **measured)
+    return measured

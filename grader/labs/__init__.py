@@ -79,7 +79,13 @@ class Lab:
         return bool(agree(inputs, got, want)) if agree is not None else False
 
     def reference_namespace(self) -> dict[str, Any]:
-        return self._function("grading", "reference_namespace")()
+        """The reference answers, run from the one source that defines them: the solution notebook's
+        reference cells (the spec's), in one namespace. Grading side only: the solutions are not in a sandbox."""
+        from .. import notebook
+        from ..catalogue import REPO_ROOT
+
+        source = REPO_ROOT / "solutions" / self.name / f"{self.name}.ipynb"
+        return notebook.exec_cells(notebook.read(source), list(self.spec.reference_cells))
 
     def public_expected(self) -> dict[str, Any] | None:
         """What `public_expected.json` must hold (the self-checks' stored expected values), or None if the lab

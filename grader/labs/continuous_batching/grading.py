@@ -36,6 +36,7 @@ from inferlab import Transformer
 
 from ...checks import CheckFailed
 from ...perf import fraction_of_reference_verdict, threshold
+from .. import load
 from . import SPEC
 from .public import (PERF_MAX_BATCH, PERF_REQUESTS, PERF_TOKEN_BUDGET, CallLog, Calls, Scheduler, first_non_greedy,
                      perf_traces, run_batcher, run_static, unflatten, verify_ready, verify_schedule, verify_serve,
@@ -208,15 +209,6 @@ def judge_timing(result: Any, tampered: list[str], profile: str | None = None) -
     return fraction_of_reference_verdict(result, tampered, bar, "static", too_slow)
 
 
-def reference_namespace() -> dict[str, Any]:
-    """The reference answers, run from the one source that defines them: the solution notebook."""
-    from ... import notebook
-    from ...catalogue import REPO_ROOT
-
-    return notebook.exec_cells(notebook.read(REPO_ROOT / "solutions" / LAB / f"{LAB}.ipynb"),
-                               list(SPEC.reference_cells))
-
-
 def calibrate(seed: int = 0) -> dict[str, Any]:
     """Measure the reference scheduler and the 'slow' sample's (right tokens, but admits only into an empty
     batch: static batching behind the same interface) against static batching, in one interleaved run.
@@ -229,7 +221,7 @@ def calibrate(seed: int = 0) -> dict[str, Any]:
 
     from .samples import SAMPLES
 
-    ns = reference_namespace()
+    ns = load(LAB).reference_namespace()
     slow_ns = dict(ns)
     exec(SAMPLES["slow"]["cells"]["cb2-solution"], slow_ns)  # the slow sample's scheduler
     model = bundled()

@@ -36,6 +36,7 @@ import torch
 from inferlab import ModelArgs, Transformer
 
 from ...perf import threshold
+from .. import load
 from . import SPEC
 from .public import (DTYPE_NAMES, GB, MEASURE_ROUNDS, MEASURE_STEPS, STAND_IN_STEPS, Ask, Disturbed,
                      interleaved, judge_measurement, judge_stand_in, one_cpu_thread, random_llama,
@@ -327,18 +328,9 @@ HIDDEN_CHECKS = {"GB1": hidden_gb1, "GB2": hidden_gb2, "GB3": hidden_gb3, "GB4":
 
 # ------------------------------------------------------------------------------------------------ calibration of GB3
 
-def reference_namespace() -> dict[str, Any]:
-    """The reference answers, run from the one source that defines them: the solution notebook."""
-    from ... import notebook
-    from ...catalogue import REPO_ROOT
-
-    return notebook.exec_cells(notebook.read(REPO_ROOT / "solutions" / LAB / f"{LAB}.ipynb"),
-                               list(SPEC.reference_cells))
-
-
 @functools.lru_cache(maxsize=1)
 def _reference_measure():
-    return reference_namespace()["measure_decode_tokens_per_s"]
+    return load(LAB).reference_namespace()["measure_decode_tokens_per_s"]
 
 
 def calibrate(seed: int = SPEC.public_seed, runs: int = 10) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from inferlab import ModelArgs, Transformer, naive_generate
 
 from ...checks import CheckFailed
 from ...perf import fraction_of_reference_verdict, threshold
+from .. import load
 from . import SPEC
 from .public import (KV4_NEW_TOKENS, KV4_PROMPT_TOKENS, DTYPES, Generate, byte_cases, long_prompts, verify_bytes,
                      verify_cache, verify_generate, verify_ready)
@@ -128,15 +129,6 @@ def judge_timing(result: Any, tampered: list[str], profile: str | None = None) -
     return fraction_of_reference_verdict(result, tampered, bar, "naive", too_slow)
 
 
-def reference_namespace() -> dict[str, Any]:
-    """The reference answers, run from the one source that defines them: the solution notebook."""
-    from ... import notebook
-    from ...catalogue import REPO_ROOT
-
-    return notebook.exec_cells(notebook.read(REPO_ROOT / "solutions" / LAB / f"{LAB}.ipynb"),
-                               list(SPEC.reference_cells))
-
-
 def calibrate(seed: int = 0) -> dict[str, Any]:
     """Measure the reference and a correct-but-recomputing answer against the baseline, in one interleaved run.
 
@@ -148,7 +140,7 @@ def calibrate(seed: int = 0) -> dict[str, Any]:
     """
     from inferlab.bench import compare
 
-    ref = reference_namespace()["cached_generate"]
+    ref = load(LAB).reference_namespace()["cached_generate"]
     model = bundled()
     prompt = long_prompts(seed, 1)[0]
 

@@ -41,6 +41,7 @@ import numpy as np
 from ...check_stage import LearnerRaised
 from ...checks import CheckFailed
 from ...perf import threshold
+from .. import load
 from . import SPEC
 from .public import (MACHINE_DOLLARS_PER_HOUR, NEW_TOKENS, PROMPT_TOKENS, TOKENS_PER_MILLION, decode_call,
                      roi1_cases, roi2_inputs, roi3_conversion_inputs, table_rows, verify_batches, verify_conversion,
@@ -322,15 +323,6 @@ HIDDEN_CHECKS = {"ROI1": hidden_roi1, "ROI2": hidden_roi2, "ROI3": hidden_roi3}
 
 # ------------------------------------------------------------------------------------------------ calibration
 
-def reference_namespace() -> dict[str, Any]:
-    """The reference answers, run from the one source that defines them: the solution notebook."""
-    from ... import notebook
-    from ...catalogue import REPO_ROOT
-
-    return notebook.exec_cells(notebook.read(REPO_ROOT / "solutions" / LAB / f"{LAB}.ipynb"),
-                               list(SPEC.reference_cells))
-
-
 def _reference_learner(backend: str, private: Path):
     """The reference answers in a sandboxed answers' process, as the check stage runs a learner's."""
     from ... import notebook
@@ -380,7 +372,7 @@ def calibrate(trials: int = 15, rounds: int = TIMED_ROUNDS, backend: str | None 
     from ..common import random_model
 
     backend = backend or ("bwrap" if shutil.which("bwrap") else "none")
-    timer = reference_namespace()["time_batched_decode"]
+    timer = load(LAB).reference_namespace()["time_batched_decode"]
     unbatched_model = random_model(ModelArgs.from_name("tiny"), 0)
     sizes = list(TIMED_BATCH_SIZES)
 
