@@ -195,7 +195,7 @@ GRADER_PACKAGES = re.compile(r"No module named '(grader|inferlab)(\.[\w.]+)?'")
 def grader_fault(run: Execution) -> str:
     """Why this run says nothing about the learner's work (the grader's environment failed), or ''.
 
-    * a cell of the lab's own (setup, a hidden test) could not import `grader` or `inferlab`;
+    * a cell of the lab's own (setup, say) could not import `grader` or `inferlab`;
     * a cell of the lab's own failed before any of the learner's cells ran;
     * the kernel could not be run at all (not a time limit, not a crash) before any learner cell ran.
     A learner's own cells never count: an error there is theirs."""

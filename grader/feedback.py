@@ -2,7 +2,7 @@
 
 The table gives, per task, the points, what was measured against which threshold, and
 the first actionable failure message; the notebook below it is nbgrader-style feedback
-(every cell with its output, hidden tests included).
+(every cell with its output, the grader's verdicts under the graded cells).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """grader.perf_stage: a lab's graded performance task, timed against the baseline and the reference in one run.
 
-After a submission's notebook has run, and only if its hidden test for the timed task
-passed (the code is correct on that seed's inputs), the autograder:
+After a submission's answers were checked (`grader.check_stage`), and only if the timed task's
+check passed (the code is correct on that seed's inputs), the autograder:
 
 1. claims cores for the stage (one lock file per core, so that parallel grading workers' timers
    do not share one) and starts two worker processes (`grader.perf_worker`) pinned to them,
@@ -23,8 +23,8 @@ passed (the code is correct on that seed's inputs), the autograder:
    `judge_timing` words it); otherwise, or when the time cap ran out, *inconclusive*, which is
    neither a pass nor a fail: the task is regraded later (`inferlab autograde --retry-inconclusive`).
 
-The verdict replaces the hidden test's result for that task, and is appended to the
-hidden test cell's outputs so that the learner's feedback shows the numbers.
+The verdict replaces the correctness check's result for that task, and is appended to the
+task's graded cell so that the learner's feedback shows the numbers.
 """
 
 from __future__ import annotations

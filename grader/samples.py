@@ -1,7 +1,7 @@
 """grader.samples: build a lab's sample submissions (grader/labs/<lab>/samples.py) as notebooks.
 
 They are generated from the lab's one source, the solution notebook, so they never drift
-from it: a fully solved notebook is the source with hidden tests removed; each variant
+from it: a fully solved notebook is the source (any hidden-test region removed); each variant
 then replaces some answer cells with known-bad code.
 """
 
@@ -23,7 +23,7 @@ def definitions(lab: str, kind: str = "samples") -> dict:
 
 
 def solved(lab: str):
-    """What a learner who solved everything submits: the source minus hidden tests."""
+    """What a learner who solved everything submits: the source, minus any hidden-test region."""
     nb = notebook.read(REPO_ROOT / "solutions" / lab / f"{lab}.ipynb")
     for c in nb.cells:
         if c.metadata.get("nbgrader", {}).get("grade") and notebook.HIDDEN_BEGIN in c.source:

@@ -1,9 +1,10 @@
 """grader.sandbox: run a learner's Jupyter kernel where it can harm nothing.
 
-Only the *kernel* runs inside the sandbox. The notebook, with its restored hidden tests and
-grading seeds, stays in the grading process outside, which sends one cell at a time over
-Unix-domain sockets (ZeroMQ's `ipc` transport) in a private folder: no hidden test is
-ever on a disk the learner's code can see, and the kernel needs no network at all.
+Only the *kernel* runs inside the sandbox (and, for the check and timing stages, the answers'
+and timing workers). The notebook stays in the grading process outside, which sends one cell at
+a time over Unix-domain sockets (ZeroMQ's `ipc` transport) in a private folder; the labs' grading
+side (hidden inputs, expected values) is never on a disk the learner's code can see
+(`hide_grading_side`), and the kernel needs no network at all.
 
 Backends:
 * `bwrap` (bubblewrap): new user, PID, network, IPC and UTS namespaces; the system, the

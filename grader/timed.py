@@ -11,7 +11,7 @@ class TimedTask:
     """A lab's task whose points depend on speed."""
 
     task: str  # the task ID, e.g. "K4"
-    gate: str  # grade_id of the hidden test that must pass first (correctness on this seed's inputs)
+    gate: str  # grade_id of the task's graded cell, whose check must pass first (correctness on this seed's inputs)
     cells: tuple[str, ...]  # grade_ids of the cells that define the timed code, in notebook order
     rounds: tuple[int, int] = (5, 15)  # min, max timed rounds after one warm-up round
     rel_ci: float = 0.1  # stop once the 95% interval of every median ratio is within +-10%
