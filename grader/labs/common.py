@@ -6,6 +6,8 @@ came back (token lists), on both sides (a notebook's self-checks and the checker
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -96,3 +98,15 @@ def positions_fed(tokens, input_pos) -> list[int]:
         return list(range(int(tokens.shape[-1])))
     row = input_pos if input_pos.dim() == 1 else input_pos[0]
     return [int(x) for x in row.reshape(-1).tolist()]
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the block on one torch thread, then restore the count: on a busy machine a second thread waits for
+    whichever core is taken elsewhere, so small matrices run slower and far less steadily split than whole."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -23,10 +23,9 @@ each call's batch rows and tokens per row (`ServedModel.calls`), while the learn
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,7 @@ from inferlab import Transformer
 from ...checks import CheckFailed
 from ...perf import fraction_of_reference_verdict, threshold
 from .. import load
+from ..common import one_torch_thread
 from . import SPEC
 from .public import (PERF_MAX_BATCH, PERF_REQUESTS, PERF_TOKEN_BUDGET, CallLog, Calls, Scheduler, first_non_greedy,
                      perf_traces, run_batcher, run_static, unflatten, verify_ready, verify_schedule, verify_serve,
@@ -52,22 +52,12 @@ def bundled() -> Transformer:
     return load_model("tiny")
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """The served model runs in this process on one thread, as the notebook runs it: the tiny model's matrices
-    are too small to be worth splitting, and on a busy machine a split step is many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def on_one_thread(check: Callable[[Any, int], dict[str, Any]]) -> Callable[[Any, int], dict[str, Any]]:
     @functools.wraps(check)
     def run(learner, seed: int) -> dict[str, Any]:
-        with one_thread():
+        with one_torch_thread():  # the served model runs here on one thread, as the notebook runs it
             return check(learner, seed)
     return run
 

@@ -44,6 +44,7 @@ import torch
 from inferlab import ModelArgs, Transformer
 
 from ...checks import CheckFailed
+from ..common import one_torch_thread
 
 LAB = "gpu_basics"
 PUBLIC_SEED = 0
@@ -448,12 +449,8 @@ def one_cpu_thread(device: str | torch.device):
     if torch.device(device).type != "cpu":
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 MEASURE_ROUNDS, MEASURE_STEPS = 3, 3  # the learner's stopwatch and the grader's, alternating; steps per stopwatch
