@@ -99,8 +99,21 @@ def row_softmax(device: str, quick: bool) -> dict[str, Any]:
     return result
 
 
+def flash_attention_forward_path(device: str, quick: bool) -> dict[str, Any]:
+    """The flash_attention lab's reference kernel against float64 attention (bench/flash_attention.py)."""
+    import importlib.util
+
+    # By its path: bench/ is not a package, and the tests load this script without it on sys.path.
+    spec = importlib.util.spec_from_file_location("bench_flash_attention", Path(__file__).with_name("flash_attention.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.gpu_check_path(device, quick)
+
+
 TRITON_PATHS: list[tuple[str, Callable[[str, bool], dict[str, Any]]]] = [
     ("row_softmax (bench/gpu_check.py)", row_softmax),
+    ("flash_attention_forward (bench/flash_attention.py)", flash_attention_forward_path),
 ]
 
 
@@ -133,6 +146,12 @@ def calibrated_labs() -> tuple[list[str], list[tuple[str, str]]]:
         if not lab.gpu_part:
             left_out.append((lab.name, "no GPU part (grader/catalogue.py): its timed task runs on the CPU, and a "
                                        "GPU host grades it with the cpu profile"))
+            continue
+        from grader import labs
+
+        if labs.is_package(lab.name) and not labs.load(lab.name).calibrates:
+            left_out.append((lab.name, f"nothing to calibrate: its bars are counts, not timings ({lab.gpu_part} "
+                                       "is measured by the same counted check on any hardware)"))
             continue
         chosen.append(lab.name)
     return chosen, left_out
