@@ -200,12 +200,12 @@ def test_status_has_column_headers(tmp_path):
     assert out[1].split() == ["lab", "budget", "due", "time", "left", "before", "due", "self-checks"], out[:3]
 
 
-def test_the_learners_readme_lists_the_quick_track_as_tracks_json_does():
-    """labs/README.md is what a learner's folder starts with: its table must match the track's labs and budgets."""
+def test_the_learners_readme_lists_the_quick_and_deep_tracks_as_tracks_json_does():
+    """labs/README.md is what a learner's folder starts with: its tables must match the tracks' labs and budgets."""
     from grader.catalogue import REPO_ROOT
 
     text = (REPO_ROOT / "labs" / "README.md").read_text()
-    for entry in tracks.get_track("quick").labs:
+    for entry in tracks.get_track("deep").labs:
         row = next((line for line in text.splitlines() if line.startswith(f"| `{entry.lab}` |")), None)
         assert row is not None and row.rstrip(" |").endswith(f"{entry.minutes} min"), (entry.lab, row)
     assert "inferlab track start quick" in text and "inferlab autograde kv_cache --submissions" in text
