@@ -3,7 +3,7 @@ that regrades nothing.
 
 The roi lab's samples (grader/labs/roi/samples.py: reference, stub, wrong, partial, mix) handed in by the class
 in nbgrader's layout, plus six faulty hand-ins (three notebooks cut off mid-upload, two learners
-with no notebook, one who handed in their kv_cache notebook). `make test` grades a class of 30
+with no notebook, one who handed in their kv_cache notebook). `make test` grades a class of 16
 (INFERLAB_CLASS_SIZE); `make bench-class` grades the class of 200 with the same test, which is too
 long for CI at eleven labs (about 14 minutes on 2 cores). The kv_cache lab's faults (a killed worker,
 a full disk) are in tests/test_faults.py.
@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")]
 
 LAB = "roi"
-CLASS_SIZE = int(os.environ.get("INFERLAB_CLASS_SIZE", "30"))  # 200 in `make bench-class`
+CLASS_SIZE = int(os.environ.get("INFERLAB_CLASS_SIZE", "16"))  # 200 in `make bench-class`
 SAMPLES = samples.definitions(LAB)
 CUT_OFF, NO_NOTEBOOK, OTHER_LAB = ("cut-003", "cut-077", "cut-151"), ("none-042", "none-133"), ("other-099",)
 

@@ -216,6 +216,11 @@ def test_gradebook_holds_every_graded_learner(local_run):
 # ---------------------------------------------------------------- the same on Ray
 
 ray = pytest.importorskip("ray", reason="the Ray backend tests need the cluster extra: pip install -e '.[cluster]'")
+# A Ray cluster and a killed Ray worker cost about 2 minutes on 2 cores: `make test` keeps the Ray backend's own
+# tests (tests/test_ray_backend.py) and leaves this fault to `make bench-ray-faults`, which sets the variable.
+ray_faults = pytest.mark.skipif(os.environ.get("INFERLAB_RAY_FAULTS") != "1",
+                                reason="the Ray fault run is in `make bench-ray-faults` (INFERLAB_RAY_FAULTS=1), "
+                                       "outside make test's budget")
 
 
 def private_network() -> list[str]:
@@ -243,6 +248,7 @@ def ray_run(tmp_path_factory):
             "out": out / LAB}
 
 
+@ray_faults
 def test_ray_reruns_a_task_whose_worker_was_killed(ray_run):
     assert ray_run["killed"], "the Ray worker grading the victim was never seen running"
     assert ray_run["code"] == 0, ray_run["log"]
@@ -250,6 +256,7 @@ def test_ray_reruns_a_task_whose_worker_was_killed(ray_run):
     assert victim["status"] == "graded" and points(victim) == WRONG_POINTS, victim.get("error")
 
 
+@ray_faults
 def test_ray_grades_and_rejects_like_the_local_backend(ray_run):
     got = ray_run["results"]
     assert points(got["ordinary"]) == WRONG_POINTS
