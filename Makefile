@@ -37,7 +37,7 @@ demo: install
 test: install
 	$(PY) -m pytest
 
-bench: install
+bench: install bench-quantization
 	$(PY) bench/run.py --out bench
 
 # The quantization lab's reference next to torchao 0.18.0 (installed here on first use; on CPU only its INT8

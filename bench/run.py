@@ -254,6 +254,23 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+# What other benches write on their own (they need extra installs or minutes of their own), included in
+# results.md as they last wrote it: `make bench-quantization` (torchao) and `make bench-vllm` (vLLM's venv).
+INCLUDED = (("results-quantization.md", "make bench-quantization"), ("results-vllm.md", "make bench-vllm"))
+
+
+def included(folder: Path) -> str:
+    parts = []
+    for name, command in INCLUDED:
+        path = folder / name
+        if path.is_file():
+            text = path.read_text().strip()
+            # One level down: each file's own title becomes a section of this page.
+            text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+            parts.append(f"{text}\n\n(from [{name}]({name}), written by `{command}`)\n")
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json and results.md")
@@ -269,9 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         section["date"] = dt.date.today().isoformat()
         results[name] = section
     path.write_text(json.dumps(results, indent=2) + "\n")
-    (opts.out / "results.md").write_text(markdown(results))  # every section, including ones other scripts wrote
+    page = markdown(results) + "\n" + included(opts.out)  # every section, including ones other scripts wrote
+    (opts.out / "results.md").write_text(page)
     print(f"wrote {path} and {opts.out / 'results.md'}")
-    print(markdown(results))
+    print(page)
     return 0
 
 
