@@ -1,15 +1,17 @@
 """The speculative_sampling lab: the reference and a solution written differently pass, the stub is 'not attempted',
 each known mistake is caught with a message that names it, the target's calls are counted where the model runs, and
-the distribution test tells the exact sampler from wrong ones across 50 grading seeds.
+the distribution test tells the exact sampler from wrong ones across 50 grading seeds, and the timed task (SS5) passes
+the reference and fails a correct answer that verifies without its cache.
 
 Two halves. The checks' logic (`grader.labs.speculative_sampling.public`) runs here in-process, as a notebook's
 self-checks run it, on the known mistakes (the edits `grader/labs/speculative_sampling/samples.py` defines). Then
 one batch of answer variants goes through `grader.check_stage` as the autograder runs it (bubblewrap, one answers
-process each, the target and the draft model served from the checker).
+process each, the target and the draft model served from the checker). Last, SS5 through the real timing stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from grader import check_stage, labs, notebook, samples
-from grader.checks import ERROR, FAILED, NOT_ATTEMPTED, PASSED, run_check
+from grader.checks import ERROR, FAILED, INCONCLUSIVE, NOT_ATTEMPTED, PASSED, run_check
 from grader.execute import prepare
 from grader.labs.speculative_sampling import grading
 from grader.labs.speculative_sampling import public as checks
@@ -52,7 +54,8 @@ def with_cell(reference, source: str) -> dict:
 
 def run(task: str, ns: dict, seed: int = checks.PUBLIC_SEED):
     args = {"SS1": ("RollbackKVCache",), "SS2": ("DraftModelDrafter", "speculative_generate"),
-            "SS3": ("verify_drafts",), "SS4": ("PromptLookupDrafter", "speculative_generate")}[task]
+            "SS3": ("verify_drafts",), "SS4": ("PromptLookupDrafter", "speculative_generate"),
+            "SS5": ("PromptLookupDrafter", "speculative_generate")}[task]
     check = getattr(checks, f"check_{task.lower()}")
     return run_check(task, check, *(ns[a] for a in args), seed=seed)
 
@@ -76,6 +79,8 @@ def test_stub_is_not_attempted_with_task_id(reference):
     for task in ("SS1", "SS2", "SS3", "SS4"):
         result = run(task, ns)
         assert result.status == NOT_ATTEMPTED and task in result.message, result.line()
+    result = run("SS5", ns)  # nothing of its own to write: the stub it runs into is SS2's
+    assert result.status == NOT_ATTEMPTED and "SS2" in result.message, result.line()
 
 
 @pytest.mark.parametrize("edit, says", [
@@ -131,6 +136,22 @@ def test_lookup_mistakes_are_caught(reference):
               "    def propose(self, tokens, gamma):\n        return tokens[-gamma:]\n"
     result = run("SS4", with_cell(reference, made_up))
     assert result.status == FAILED and "propose" in result.message, result.line()
+
+
+def test_ss5_times_only_prompt_lookup_that_is_right_and_saves_calls(reference):
+    """The gate of the timed task, in-process: the reference and the answer that verifies without its cache are both
+    right with fewer target calls than tokens (only the clock tells them apart); one call per token is not."""
+    from inferlab import load_model
+
+    target = load_model("tiny")
+    for ns in (reference, with_cell(reference, edited("ss2-solution", mistakes.RECOMPUTE_VERIFY_SS2))):
+        generate = checks.counted(ns["speculative_generate"], target, lambda: ns["PromptLookupDrafter"](3))
+        result = run_check("SS5", checks.verify_timed_ready, generate, 4, target)
+        assert result.passed and result.measured["target_calls_per_token"] < 0.9, result.line()
+    per_token = with_cell(reference, edited("ss2-solution", mistakes.PER_TOKEN_SS2))
+    generate = checks.counted(per_token["speculative_generate"], target, lambda: per_token["PromptLookupDrafter"](3))
+    result = run_check("SS5", checks.verify_timed_ready, generate, 4, target)
+    assert result.status == FAILED and "make SS4 pass first" in result.message, result.line()
 
 
 def test_a_crash_in_learner_code_is_an_error_with_its_line(reference):
@@ -194,19 +215,19 @@ def variant(cells: dict[str, str] | None = None, from_release: bool = False):
 D = mistakes
 VARIANTS = {
     "reference": (variant(), D.ALL),
-    "stub": (variant(from_release=True), {"SS1": 0, "SS2": 0, "SS3": 0, "SS4": 0}),
+    "stub": (variant(from_release=True), {"SS1": 0, "SS2": 0, "SS3": 0, "SS4": 0, "SS5": 0}),
     "different-but-correct": (variant({"ss1-solution": D.DIFFERENT_SS1, "ss2-solution": D.DIFFERENT_SS2,
                                        "ss3-solution": D.DIFFERENT_SS3, "ss4-solution": D.DIFFERENT_SS4}), D.ALL),
     # Two mistakes in one submission each, so that the batch stays small: every check still sees its own.
     "no-rollback+no-residual": (variant({"ss2-solution": edited("ss2-solution", D.NO_ROLLBACK_SS2),
                                          "ss3-solution": edited("ss3-solution", D.NO_RESIDUAL_SS3)}),
-                                {"SS1": 2, "SS2": 0, "SS3": 0, "SS4": 0}),
+                                {"SS1": 2, "SS2": 0, "SS3": 0, "SS4": 0, "SS5": 0}),
     "target-per-token+p-minus-q": (variant({"ss2-solution": edited("ss2-solution", D.PER_TOKEN_SS2),
                                             "ss3-solution": edited("ss3-solution", D.P_MINUS_Q_SS3)}),
-                                   {"SS1": 2, "SS2": 0, "SS3": 0, "SS4": 0}),
+                                   {"SS1": 2, "SS2": 0, "SS3": 0, "SS4": 0, "SS5": 0}),
     "peeks-at-target+always-accept": (variant({"ss2-solution": edited("ss2-solution", D.PEEK_TARGET_SS2),
                                                "ss3-solution": edited("ss3-solution", D.ALWAYS_ACCEPT_SS3)}),
-                                      {"SS1": 2, "SS2": 0, "SS3": 0, "SS4": 0}),
+                                      {"SS1": 2, "SS2": 0, "SS3": 0, "SS4": 0, "SS5": 0}),
 }
 
 
@@ -241,6 +262,8 @@ def test_the_checker_counts_the_target_calls_it_serves(checked):
     assert all(r.status == NOT_ATTEMPTED and "SS" in r.message for r in stub.values())
     _, broken = checked["no-rollback+no-residual"]
     assert "SS4 builds on SS2, which did not pass" in broken["SS4"].message
+    assert "SS5 builds on SS4, which did not pass" in broken["SS5"].message
+    assert ref["SS5"].measured["target_calls_per_token"] < 0.9, ref["SS5"].line()
 
 
 def test_samples_build_from_the_source(tmp_path):
@@ -252,7 +275,8 @@ def test_samples_build_from_the_source(tmp_path):
 
 def test_grading_side_is_what_the_registry_finds():
     assert LAB.grading is grading and set(grading.HIDDEN_CHECKS) == {t.id for t in LAB.spec.tasks}
-    assert LAB.spec.task("SS4").requires == ("SS2",) and LAB.timed is None
+    assert LAB.spec.task("SS4").requires == ("SS2",) and LAB.spec.task("SS5").requires == ("SS4",)
+    assert LAB.timed.task == "SS5" and LAB.timed.gate == "ss5-hidden"
 
 
 def test_the_public_module_holds_no_answer():
@@ -260,3 +284,28 @@ def test_the_public_module_holds_no_answer():
     for answer in ("def speculative_generate", "class RollbackKVCache", "def verify_drafts", "(p[i] - q[i])",
                    "class PromptLookupDrafter"):
         assert answer not in text
+
+
+# ---------------------------------------------------------------- the timing stage, in bubblewrap
+
+@needs_bwrap
+def test_timing_stage_passes_the_reference_and_fails_a_verify_pass_without_the_cache(tmp_path):
+    """SS5 through the real timing stage (fewer rounds than grading): cached target-only decoding, the reference's
+    prompt lookup and the submission's, interleaved in two sandboxed processes, a held-out code prompt per round. A
+    machine too busy to tell is inconclusive, never a wrong verdict."""
+    from grader.perf_stage import time_submission
+
+    source = notebook.read(SOURCE)
+    spec = dataclasses.replace(LAB.spec.timed, rounds=(3, 6))
+    ref = time_submission(LAB.name, prepare(source, samples.solved(LAB.name)), source, "bwrap", Limits(threads=1),
+                          seed=11, spec=spec, workdir=tmp_path)
+    assert ref.status in (PASSED, INCONCLUSIVE), ref.line()
+    slow_nb = samples.solved(LAB.name)
+    notebook.cell(slow_nb, "ss2-solution").source = edited("ss2-solution", mistakes.RECOMPUTE_VERIFY_SS2)
+    slow = time_submission(LAB.name, prepare(source, slow_nb), source, "bwrap", Limits(threads=1), seed=12,
+                           spec=spec, workdir=tmp_path)
+    assert slow.status in (FAILED, INCONCLUSIVE), slow.line()
+    assert PASSED in (ref.status,) or FAILED in (slow.status,), (ref.line(), slow.line())
+    print(f"SS5 timed: reference {ref.line()} | verify without the cache {slow.line()}")
+    if slow.status == FAILED:
+        assert "prompt-lookup speculation is" in slow.message, slow.line()

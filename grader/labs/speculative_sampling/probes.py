@@ -15,6 +15,8 @@ import torch
 from inferlab import ModelArgs
 from inferlab.generate import make_generator
 
+from .public import SS5_GAMMA, SS5_NEW_TOKENS, NoDrafter
+
 
 def _tokens(out: Any, what: str) -> list[int]:
     if isinstance(out, torch.Tensor):
@@ -88,3 +90,29 @@ def verify_greedy(session, drafts: list[int], draft_logits: torch.Tensor, target
 PROBES = {"new_cache": new_cache, "rollback": rollback, "cache_length": cache_length,
           "new_model_drafter": new_model_drafter, "new_lookup_drafter": new_lookup_drafter, "propose": propose,
           "generate": generate, "sample_verify": sample_verify, "verify_greedy": verify_greedy}
+
+
+def perf_contenders(role: str, namespace: dict[str, Any]) -> dict[str, Any]:
+    """What a timing worker (`grader.perf_worker`) runs for SS5, built from the cells it executed: prompt-lookup
+    speculation, and (in the clean process) the baseline, cached target-only greedy decoding: the reference's
+    speculative_generate with a drafter that proposes nothing, one target call per token.
+
+    The model is loaded here, not taken from the notebook's namespace, so both processes time the same untouched
+    weights."""
+    from inferlab import load_model
+
+    generate, drafter_cls = namespace.get("speculative_generate"), namespace.get("PromptLookupDrafter")
+    if not callable(generate) or not callable(drafter_cls):
+        raise NameError("speculative_generate (SS2) and PromptLookupDrafter (SS4) must be defined by their answer "
+                        "cells")
+    model = load_model("tiny")
+    torch.set_grad_enabled(False)
+
+    def lookup(prompt: list[int]) -> list[int]:
+        out = generate(model, drafter_cls(3), prompt, SS5_NEW_TOKENS, SS5_GAMMA)
+        return _tokens(out, "speculative_generate's result")
+    if role == "submission":
+        return {"candidate": lookup}
+    return {"baseline": lambda prompt: _tokens(generate(model, NoDrafter(), prompt, SS5_NEW_TOKENS, SS5_GAMMA),
+                                               "speculative_generate's result"),
+            "reference": lookup}

@@ -546,3 +546,89 @@ def check_ss4(drafter_cls: Any, generate_fn: Any, seed: int = PUBLIC_SEED) -> di
     target = load_model("tiny")
     return verify_lookup(counted(generate_fn, target, lambda: drafter_cls(3)), lambda: drafter_cls(3).propose,
                          seed, target)
+
+
+# ------------------------------------------------------------------------------------------------ SS5
+
+SS5_NEW_TOKENS = 48  # per timed generation
+SS5_GAMMA = 4
+
+
+class NoDrafter:
+    """Proposes nothing: speculative_generate is then cached target-only greedy decoding, one target call per token
+    (the baseline SS5 is timed against)."""
+
+    def propose(self, tokens: list[int], gamma: int) -> list[int]:
+        return []
+
+
+def timed_prompts(seed: int, n: int) -> list[list[int]]:
+    """Held-out code with repetition, a different prompt for every timed round (a result cached by input is worth
+    nothing): each the most repetitive of four drawn prompts."""
+    pool = held_out_prompts(seed, 4 * n, 96, 160)
+    return [most_repetitive(pool[4 * i:4 * i + 4]) for i in range(n)]
+
+
+def verify_timed_ready(generate: Generate, seed: int, target: Transformer) -> dict[str, Any]:
+    """SS5 times speculative_generate with PromptLookupDrafter, so it must first be right on a timed prompt, with
+    fewer target calls than tokens (the autograder also requires SS4 to have passed: `requires` in the spec)."""
+    prompt = timed_prompts(seed, 1)[0]
+    want = naive_generate(target, prompt, SS5_NEW_TOKENS)
+    out, calls = generate(list(prompt), SS5_NEW_TOKENS, SS5_GAMMA)
+    if as_tokens(out, "speculative_generate's result") != want:
+        raise CheckFailed(f"SS5 times speculative_generate with PromptLookupDrafter (gamma={SS5_GAMMA}), so it must "
+                          f"first give the target's greedy tokens on held-out code ({SS5_NEW_TOKENS} tokens after a "
+                          f"{len(prompt)}-token prompt): make SS2 and SS4 pass first")
+    if calls > LOOKUP_SAVING * len(want):
+        raise CheckFailed(f"on the timed prompt the target was called {calls} times for {len(want)} tokens: SS5 times "
+                          "prompt-lookup speculation, so make SS4 pass first", target_calls=calls)
+    return {"target_calls_per_token": round(calls / len(want), 3)}
+
+
+def timed_round_robin(fn: Callable[[list[int]], Any], prompts: list[list[int]]) -> Callable[[], Any]:
+    """fn on the next prompt at each call: every contender's i-th call gets the i-th prompt, as the grader times."""
+    calls = iter(range(10**9))
+    return lambda: fn(list(prompts[next(calls) % len(prompts)]))
+
+
+@torch.no_grad()
+def check_ss5(drafter_cls: Any, generate_fn: Any, seed: int = PUBLIC_SEED,
+              profile: str | None = None) -> dict[str, Any]:
+    """SS5 self-check: speculative_generate with PromptLookupDrafter against your own cached target-only decoding
+    (a drafter that proposes nothing), interleaved in this process, against the bar.
+
+    The graded measure is taken by the autograder in its own processes, against the grader's cached decoding and
+    the reference in the same run; under the autograder this self-check only checks correctness."""
+    import os
+
+    from inferlab import load_model
+
+    from ...perf import ClockTampered, self_check_speed, speedup_over_baseline, threshold
+
+    target = load_model("tiny")
+    ready = verify_timed_ready(counted(generate_fn, target, lambda: drafter_cls(3)), seed, target)
+    if os.environ.get("INFERLAB_AUTOGRADE"):
+        return {"timing": "by the autograder, against the reference in the same run"}
+    bar = threshold(LAB, "SS5", profile)
+    reference = bar["calibration"]["reference_speedup_vs_cached"]
+    prompts = timed_prompts(seed, 4)
+    try:
+        result = speedup_over_baseline(
+            timed_round_robin(lambda p: generate_fn(target, drafter_cls(3), p, SS5_NEW_TOKENS, SS5_GAMMA), prompts),
+            timed_round_robin(lambda p: generate_fn(target, NoDrafter(), p, SS5_NEW_TOKENS, SS5_GAMMA), prompts),
+            rounds=(8, 24))
+    except ClockTampered as err:
+        raise CheckFailed(f"the clock was tampered with ({', '.join(err.names)}): performance cannot be measured; "
+                          "remove any code that replaces timing functions", tampering=", ".join(err.names)) from None
+    speedup = result.speedup("candidate")
+    low, high = result.ratios["candidate"]["ci_low"], result.ratios["candidate"]["ci_high"]
+    measured = {"speedup_vs_cached": round(speedup, 2), "ci95": [round(low, 2), round(high, 2)],
+                "threshold": bar["min_speedup_vs_cached"], **ready,
+                "calibrated_reference_speedup_vs_cached": reference,  # measured once, on the calibration machine
+                "profile": bar["profile"], "rounds": result.rounds}
+    too_slow = (
+        f"prompt-lookup speculation is {speedup:.2f}x as fast as your cached target-only decoding for "
+        f"{SS5_NEW_TOKENS} tokens (gamma={SS5_GAMMA}); the bar is {bar['min_speedup_vs_cached']}x on the "
+        f"{bar['profile']} profile (the reference reaches about {reference}x): keep the verify pass to one target "
+        "call over gamma + 1 positions with the cache, and keep propose and the bookkeeping around it cheap")
+    return self_check_speed(speedup, (low, high), bar["min_speedup_vs_cached"], measured, too_slow)

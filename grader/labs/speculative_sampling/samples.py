@@ -4,10 +4,12 @@ writes them as notebooks.
 
 Each variant edits answer cells of a fully solved notebook (`replace`: one textual edit of the reference answer, a
 learner's typical mistake; `cells`: a whole answer cell); `from_release` variants start from the learner release.
-SS4 builds on SS2 (`requires`): a sample whose SS2 fails gets no SS4 points, whatever its lookup.
+SS4 builds on SS2 and SS5 on SS4 (`requires`): a sample whose SS2 fails gets no SS4 or SS5 points, whatever its
+lookup, and is never timed. `timed` says what the timing stage gives SS5 where its gate (right tokens with prompt
+lookup on a timed prompt) passes; the check stage alone gives the gate's points.
 """
 
-ALL = {"SS1": 2, "SS2": 3, "SS3": 3, "SS4": 2}
+ALL = {"SS1": 2, "SS2": 3, "SS3": 3, "SS4": 2, "SS5": 2}
 
 # ---------------------------------------------------------------- a correct solution, written differently
 
@@ -148,6 +150,23 @@ ALWAYS_ACCEPT_SS3 = ("if u * float(q[i, x]) < float(p[i, x]):", "if True:")
 # Treats every temperature as greedy.
 GREEDY_ONLY_SS3 = ("    if temperature == 0.0:  # greedy", "    if True:  # greedy")
 
+# Verifies by recomputing the whole sequence without the cache: the target's tokens, one target call per round (SS2
+# and SS4 pass), but each call processes every position, so prompt lookup is slower than cached decoding.
+RECOMPUTE_VERIFY_SS2 = (
+    """        choice = target(fed, torch.arange(start, start + len(fed[0]), device=weight.device),
+                        cache)[0].argmax(-1).tolist()  # the target's token after each fed one
+        k = 0
+        while k < len(drafts) and drafts[k] == choice[k]:
+            k += 1
+        cache.rollback(start + k + 1)  # keep the newest token and the accepted drafts; the rest was wrong
+""",
+    """        everything = torch.tensor([prompt + out + drafts], device=weight.device)  # every position, no cache
+        choice = target(everything)[0, start:].argmax(-1).tolist()  # the target's token after each fed one
+        k = 0
+        while k < len(drafts) and drafts[k] == choice[k]:
+            k += 1
+""")
+
 # ---------------------------------------------------------------- attacks specific to the lab
 
 # Drafts with a private copy of the target (the bundled weights are readable in the sandbox): every draft would
@@ -157,23 +176,27 @@ PEEK_TARGET_SS2 = ("        weight = model.embed_tokens.weight\n",
                    "        weight = model.embed_tokens.weight\n")
 
 SAMPLES = {
-    "reference": {"cells": {}, "expected": ALL, "flags": False},
-    "stub": {"from_release": True, "cells": {}, "expected": {"SS1": 0, "SS2": 0, "SS3": 0, "SS4": 0}, "flags": False},
+    "reference": {"cells": {}, "expected": ALL, "timed": "passed", "flags": False},
+    "stub": {"from_release": True, "cells": {}, "expected": {"SS1": 0, "SS2": 0, "SS3": 0, "SS4": 0, "SS5": 0},
+             "flags": False},
     "different-but-correct": {"cells": {"ss1-solution": DIFFERENT_SS1, "ss2-solution": DIFFERENT_SS2,
                                         "ss3-solution": DIFFERENT_SS3, "ss4-solution": DIFFERENT_SS4},
-                              "expected": ALL, "flags": False},
+                              "expected": ALL, "timed": "passed", "flags": False},
     "no-rollback": {"replace": {"ss2-solution": NO_ROLLBACK_SS2}, "cells": {},
-                    "expected": {"SS1": 2, "SS2": 0, "SS3": 3, "SS4": 0}, "flags": False},
+                    "expected": {"SS1": 2, "SS2": 0, "SS3": 3, "SS4": 0, "SS5": 0}, "flags": False},
     "target-per-token": {"replace": {"ss2-solution": PER_TOKEN_SS2}, "cells": {},
-                         "expected": {"SS1": 2, "SS2": 0, "SS3": 3, "SS4": 0}, "flags": False},
+                         "expected": {"SS1": 2, "SS2": 0, "SS3": 3, "SS4": 0, "SS5": 0}, "flags": False},
     "no-residual": {"replace": {"ss3-solution": NO_RESIDUAL_SS3}, "cells": {},
-                    "expected": {"SS1": 2, "SS2": 3, "SS3": 0, "SS4": 2}, "flags": False},
+                    "expected": {"SS1": 2, "SS2": 3, "SS3": 0, "SS4": 2, "SS5": 2}, "flags": False},
     "p-minus-q": {"replace": {"ss3-solution": P_MINUS_Q_SS3}, "cells": {},
-                  "expected": {"SS1": 2, "SS2": 3, "SS3": 0, "SS4": 2}, "flags": False},
+                  "expected": {"SS1": 2, "SS2": 3, "SS3": 0, "SS4": 2, "SS5": 2}, "flags": False},
     "always-accept": {"replace": {"ss3-solution": ALWAYS_ACCEPT_SS3}, "cells": {},
-                      "expected": {"SS1": 2, "SS2": 3, "SS3": 0, "SS4": 2}, "flags": False},
+                      "expected": {"SS1": 2, "SS2": 3, "SS3": 0, "SS4": 2, "SS5": 2}, "flags": False},
     "greedy-only": {"replace": {"ss3-solution": GREEDY_ONLY_SS3}, "cells": {},
-                    "expected": {"SS1": 2, "SS2": 3, "SS3": 0, "SS4": 2}, "flags": False},
+                    "expected": {"SS1": 2, "SS2": 3, "SS3": 0, "SS4": 2, "SS5": 2}, "flags": False},
+    # Right everywhere; slower than cached decoding when timed, so the timing stage gives SS5 nothing.
+    "verify-recomputes": {"replace": {"ss2-solution": RECOMPUTE_VERIFY_SS2}, "cells": {},
+                          "expected": {**ALL, "SS5": 0}, "timed": "failed", "flags": False},
     "peeks-at-target": {"replace": {"ss2-solution": PEEK_TARGET_SS2}, "cells": {},
-                        "expected": {"SS1": 2, "SS2": 0, "SS3": 3, "SS4": 0}, "flags": False},
+                        "expected": {"SS1": 2, "SS2": 0, "SS3": 3, "SS4": 0, "SS5": 0}, "flags": False},
 }
