@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from inferlab import ModelArgs, Transformer
+
+# Without a GPU the labs' Triton kernels run in Triton's interpreter. Triton decides at import time whether its
+# own helpers (tl.max, tl.sum: jit functions) are interpreted, so the variable must be set before any test
+# imports triton, or a kernel run later in this process fails ("Cannot call @triton.jit'd outside of the scope
+# of a kernel").
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def small_args(**overrides) -> ModelArgs:
@@ -50,3 +59,21 @@ def private_inferlab_home(tmp_path_factory):
         os.environ.pop("INFERLAB_HOME", None)
     else:
         os.environ["INFERLAB_HOME"] = old
+
+
+def check_batch(lab, notebooks, tmp_path_factory, seed_offset: int = 0) -> dict:
+    """A lab's variants through the real check stage (bubblewrap, one thread), once per test module:
+    {name: (points by task, results by task, names the learner's process replaced)}.
+
+    `notebooks` maps a name to a prepared notebook, or to a function that returns one; each variant gets its
+    own seeds (1000 apart), so no two variants are graded on the same drawn inputs."""
+    from grader import check_stage
+    from grader.sandbox import Limits
+
+    out = {}
+    for i, (name, nb) in enumerate(notebooks.items()):
+        seeds = {t.id: 1000 * i + n + seed_offset for n, t in enumerate(lab.spec.tasks)}
+        nb = nb() if callable(nb) else nb
+        outcomes, tampered = check_stage.run(lab, nb, "bwrap", Limits(threads=1), seeds, tmp_path_factory.mktemp(name))
+        out[name] = ({o.task: o.points for o in outcomes}, {o.task: o.result for o in outcomes}, tampered)
+    return out

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grader import check_stage, labs, notebook, release, samples
+from conftest import check_batch
+from grader import labs, notebook, release, samples
 from grader.checks import ERROR, FAILED, INCONCLUSIVE, NOT_ATTEMPTED, PASSED, run_check
 from grader.execute import prepare
 from grader.labs.continuous_batching import grading
@@ -412,33 +413,28 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
     """Each variant through the check stage once: {name: (points by task, outcomes)}."""
-    out = {}
-    for i, (name, (nb, _)) in enumerate(VARIANTS.items()):
-        seeds = {t.id: 1000 * i + n for n, t in enumerate(LAB.spec.tasks)}
-        outcomes, _ = check_stage.run(LAB, nb, "bwrap", Limits(threads=1), seeds, tmp_path_factory.mktemp(name))
-        out[name] = ({o.task: o.points for o in outcomes}, {o.task: o.result for o in outcomes})
-    return out
+    return check_batch(LAB, {name: nb for name, (nb, _) in VARIANTS.items()}, tmp_path_factory)
 
 
 @needs_bwrap
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_each_variant_gets_what_a_careful_grader_gives(checked, name):
-    points, results = checked[name]
+    points, results, _ = checked[name]
     assert points == VARIANTS[name][1], "\n".join(r.line() for r in results.values())
 
 
 @needs_bwrap
 def test_the_checker_counts_the_work_it_serves(checked):
     """The counts come from the model the checker runs: one call per step for CB1, one decode call per step for CB2."""
-    _, ref = checked["reference"]
+    _, ref, _ = checked["reference"]
     assert ref["CB1"].measured["most_calls_per_batch"] <= 14  # at most 13 new tokens per row: one call per step
     assert ref["CB2"].measured["most_calls_per_step"] <= 4  # one decode call, plus a prefill per admitted request
-    _, lazy = checked["one-at-a-time"]
+    _, lazy, _ = checked["one-at-a-time"]
     assert "the tokens are right, but" in lazy["CB1"].message and lazy["CB1"].measured["calls"] > \
         lazy["CB1"].measured["most_calls"], lazy["CB1"].line()
-    _, slow = checked["slow"]
+    _, slow, _ = checked["slow"]
     assert "waited at the head of the queue with a lane free" in slow["CB2"].message, slow["CB2"].line()
-    _, late = checked["ignores-arrivals"]
+    _, late, _ = checked["ignores-arrivals"]
     assert "reached the model" in late["CB3"].message and "before it arrived" in late["CB3"].message, \
         late["CB3"].line()
 
@@ -446,11 +442,11 @@ def test_the_checker_counts_the_work_it_serves(checked):
 @needs_bwrap
 def test_a_task_built_on_wrong_work_says_which(checked):
     """CB3 measures CB1's and CB2's code: on wrong tokens it is not checked, and says what to fix first."""
-    _, wrong = checked["wrong"]
+    _, wrong, _ = checked["wrong"]
     assert not wrong["CB3"].passed and "CB3 builds on CB1, which did not pass" in wrong["CB3"].message
-    _, shared = checked["shared-position"]
+    _, shared, _ = checked["shared-position"]
     assert "builds on CB2" in shared["CB3"].message and "builds on CB2" in shared["CB4"].message
-    _, stub = checked["stub"]
+    _, stub, _ = checked["stub"]
     assert all(r.status == NOT_ATTEMPTED and "CB" in r.message for r in stub.values())
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from grader import check_stage, labs, notebook, samples
+from conftest import check_batch
+from grader import labs, notebook, samples
 from grader.checks import FAILED, NOT_ATTEMPTED, PASSED, run_check
 from grader.execute import prepare
 from grader.labs.flash_attention import grading
 from grader.labs.flash_attention import public as checks
 from grader.labs.flash_attention import attacks
 from grader.labs.flash_attention import samples as mistakes
-from grader.sandbox import Limits
 
 LAB = labs.load("flash_attention")
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,14 +167,8 @@ def checked(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("samples")
     paths = {**samples.build(LAB.name, out_dir, list(BATCH)),
              **samples.build(LAB.name, out_dir, list(ATTACK_BATCH), kind="attacks")}
-    out = {}
-    for i, name in enumerate(GRADES):
-        nb = prepare(notebook.read(SOURCE), notebook.read(paths[name]))
-        seeds = {t.id: 1000 * i + n + 7 for n, t in enumerate(LAB.spec.tasks)}
-        outcomes, tampered = check_stage.run(LAB, nb, "bwrap", Limits(threads=1), seeds,
-                                             tmp_path_factory.mktemp(name))
-        out[name] = ({o.task: o.points for o in outcomes}, {o.task: o.result for o in outcomes}, tampered)
-    return out
+    return check_batch(LAB, {name: (lambda name=name: prepare(notebook.read(SOURCE), notebook.read(paths[name])))
+                             for name in GRADES}, tmp_path_factory, seed_offset=7)
 
 
 @needs_bwrap

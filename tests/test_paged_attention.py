@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from grader import check_stage, labs, notebook, samples
+from conftest import check_batch
+from grader import labs, notebook, samples
 from grader.checks import ERROR, FAILED, NOT_ATTEMPTED, PASSED, run_check
 from grader.execute import prepare
 from grader.labs.paged_attention import grading
 from grader.labs.paged_attention import public as checks
 from grader.labs.paged_attention import samples as mistakes
-from grader.sandbox import Limits
 
 LAB = labs.load("paged_attention")
 ROOT = Path(__file__).resolve().parent.parent
@@ -478,33 +478,28 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
     """Each variant through the check stage once: {name: (points by task, outcomes)}."""
-    out = {}
-    for i, (name, (nb, _)) in enumerate(VARIANTS.items()):
-        seeds = {t.id: 1000 * i + n for n, t in enumerate(LAB.spec.tasks)}
-        outcomes, _ = check_stage.run(LAB, nb, "bwrap", Limits(threads=1), seeds, tmp_path_factory.mktemp(name))
-        out[name] = ({o.task: o.points for o in outcomes}, {o.task: o.result for o in outcomes})
-    return out
+    return check_batch(LAB, {name: nb for name, (nb, _) in VARIANTS.items()}, tmp_path_factory)
 
 
 @needs_bwrap
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_each_variant_gets_what_a_careful_grader_gives(checked, name):
-    points, results = checked[name]
+    points, results, _ = checked[name]
     assert points == VARIANTS[name][1], "\n".join(r.line() for r in results.values())
 
 
 @needs_bwrap
 def test_the_checker_counts_concurrency_and_names_each_mistake(checked):
-    _, ref = checked["reference"]
+    _, ref, _ = checked["reference"]
     pa4 = ref["PA4"].measured
     assert pa4["fraction_of_reference"] == 1.0 and pa4["concurrency_vs_reservation"] > 1.5, pa4
     assert pa4["paged_waste"] < 0.2 < pa4["reservation_waste"], pa4
-    _, bad = checked["one-mistake-per-check"]
+    _, bad, _ = checked["one-mistake-per-check"]
     assert "ref_counts is" in bad["PA1"].message, bad["PA1"].line()
     assert "differ from contiguous attention" in bad["PA2"].message, bad["PA2"].line()
     assert "colliding hash" in bad["PA3"].message, bad["PA3"].line()
     assert "do not reserve slots" in bad["PA4"].message, bad["PA4"].line()
-    _, stub = checked["stub"]
+    _, stub, _ = checked["stub"]
     assert all(r.status == NOT_ATTEMPTED and "PA" in r.message for r in stub.values())
 
 

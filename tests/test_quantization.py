@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grader import check_stage, labs, notebook, samples
+from conftest import check_batch
+from grader import labs, notebook, samples
 from grader.checks import FAILED, INCONCLUSIVE, NOT_ATTEMPTED, PASSED, CheckFailed, run_check
 from grader.execute import prepare
 from grader.labs.quantization import grading
@@ -241,13 +242,7 @@ CHECKED = ("reference", "stub", "combined-bad")
 
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
-    out = {}
-    for i, name in enumerate(CHECKED):
-        nb, _ = variant(name)
-        seeds = {t.id: 1000 * i + n for n, t in enumerate(LAB.spec.tasks)}
-        outcomes, tampered = check_stage.run(LAB, nb, "bwrap", Limits(threads=1), seeds, tmp_path_factory.mktemp(name))
-        out[name] = ({o.task: o.points for o in outcomes}, {o.task: o.result for o in outcomes}, tampered)
-    return out
+    return check_batch(LAB, {name: (lambda name=name: variant(name)[0]) for name in CHECKED}, tmp_path_factory)
 
 
 @needs_bwrap

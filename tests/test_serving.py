@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from grader import check_stage, labs, notebook, samples
+from conftest import check_batch
+from grader import labs, notebook, samples
 from grader.checks import FAILED, NOT_ATTEMPTED, PASSED, run_check
 from grader.execute import prepare
 from grader.labs.serving import public as checks
 from grader.labs.serving import samples as mistakes
-from grader.sandbox import Limits
 
 LAB = labs.load("serving")
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,13 +148,7 @@ VARIANTS = ("reference", "stub", "rewritten", "wrong-sse", "one-at-a-time", "blo
 
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
-    out = {}
-    for i, name in enumerate(VARIANTS):
-        nb, _ = variant(name)
-        seeds = {t.id: 1000 * i + n for n, t in enumerate(LAB.spec.tasks)}
-        outcomes, tampered = check_stage.run(LAB, nb, "bwrap", Limits(threads=1), seeds, tmp_path_factory.mktemp(name))
-        out[name] = ({o.task: o.points for o in outcomes}, {o.task: o.result for o in outcomes}, tampered)
-    return out
+    return check_batch(LAB, {name: (lambda name=name: variant(name)[0]) for name in VARIANTS}, tmp_path_factory)
 
 
 @needs_bwrap
