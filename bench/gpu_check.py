@@ -99,21 +99,32 @@ def row_softmax(device: str, quick: bool) -> dict[str, Any]:
     return result
 
 
-def flash_attention_forward_path(device: str, quick: bool) -> dict[str, Any]:
-    """The flash_attention lab's reference kernel against float64 attention (bench/flash_attention.py)."""
+def _bench_script(name: str):
+    """bench/<name>.py as a module, by its path: bench/ is not a package, and the tests load this script without
+    it on sys.path."""
     import importlib.util
 
-    # By its path: bench/ is not a package, and the tests load this script without it on sys.path.
-    spec = importlib.util.spec_from_file_location("bench_flash_attention", Path(__file__).with_name("flash_attention.py"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module.gpu_check_path(device, quick)
+    return module
+
+
+def flash_attention_forward_path(device: str, quick: bool) -> dict[str, Any]:
+    """The flash_attention lab's reference kernel against float64 attention (bench/flash_attention.py)."""
+    return _bench_script("flash_attention").gpu_check_path(device, quick)
+
+
+def int4_matmul_path(device: str, quick: bool) -> dict[str, Any]:
+    """The quantization lab's reference INT4 kernel against dequantize-then-matmul (bench/quantization.py)."""
+    return _bench_script("quantization").gpu_check_path(device, quick)
 
 
 TRITON_PATHS: list[tuple[str, Callable[[str, bool], dict[str, Any]]]] = [
     ("row_softmax (bench/gpu_check.py)", row_softmax),
     ("flash_attention_forward (bench/flash_attention.py)", flash_attention_forward_path),
+    ("int4_matmul (bench/quantization.py)", int4_matmul_path),
 ]
 
 

@@ -59,6 +59,35 @@ def reference_parts() -> dict[str, Any]:
     return labs.load("quantization").reference_namespace()
 
 
+def gpu_check_path(device: str, quick: bool) -> dict[str, Any]:
+    """A `TRITON_PATHS` entry for bench/gpu_check.py: the lab's reference INT4 kernel (`int4_matmul`, group 64)
+    against dequantize-then-matmul in torch; on the GPU also both times (`triton.testing.do_bench`, which warms
+    up and synchronises). Quick: x [5, 128] by a [72, 128] weight (the interpreter is slow; neither a multiple of
+    the kernel's blocks), else a decode-sized x [1, 4096] by a [4096, 4096] weight."""
+    ns = reference_parts()
+    m, n, k, group = (5, 72, 128, 64) if quick else (1, 4096, 4096, 64)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(n, k, generator=gen)  # [N, K]
+    x = torch.randn(m, k, generator=gen).to(device)  # [M, K]
+    packed, scales, offsets = (t.to(device) for t in ns["quantize_int4"](weight, group))
+
+    def fused():
+        return ns["int4_matmul"](x, packed, scales, offsets, group)
+
+    def dequantize_then_matmul():
+        return x @ ns["dequantize_int4"](packed, scales, offsets, group).T
+
+    got, want = fused(), dequantize_then_matmul()
+    result = {"shape": [m, n, k], "group_size": group, "max_abs_error": float((got - want).abs().max()),
+              "tolerance": 1e-3 * float(want.abs().max()) + 1e-4}
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        result["triton_ms"] = round(do_bench(fused), 4)
+        result["torch_ms"] = round(do_bench(dequantize_then_matmul), 4)
+    return result
+
+
 def fake_quantized(model: nn.Module, dequantize) -> nn.Module:
     q = copy.deepcopy(model)
     with torch.no_grad():
