@@ -84,13 +84,20 @@ def source_labs(root: Path = REPO_ROOT) -> list[str]:
     return sorted(p.parent.name for p in (root / "solutions").glob("*/*.ipynb") if p.stem == p.parent.name)
 
 
+def stub_message(cell_id: str | None) -> str:
+    """What a learner reads when a cell they have not written yet runs: the task it belongs to, or, for an
+    exercise no task grades (serving's load generator), its name."""
+    task = task_of(cell_id)
+    if task:
+        return f"Task {task} is not implemented yet: replace this line with your code"
+    return f"The {cell_id} exercise (not graded) is not implemented yet: replace this line with your code"
+
+
 def name_stub_tasks(path: Path) -> None:
     nb = nbformat.read(str(path), as_version=4)
     for cell in nb.cells:
-        task = task_of(grade_id(cell))
-        if cell.cell_type == "code" and task and STUB in cell.source:
-            cell.source = cell.source.replace(
-                STUB, f'raise NotImplementedError("Task {task} is not implemented yet: replace this line with your code")')
+        if cell.cell_type == "code" and grade_id(cell) and STUB in cell.source:
+            cell.source = cell.source.replace(STUB, f'raise NotImplementedError("{stub_message(grade_id(cell))}")')
     nbformat.write(nb, str(path))
 
 

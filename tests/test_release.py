@@ -63,11 +63,14 @@ def test_release_leaks_no_solution_hidden_test_or_seed(lab):
     assert checked >= 10, "the leak check compared too few solution lines to mean anything"
     # Only notebooks are released: no reference modules, samples or seeds files.
     assert {p.name for p in (REPO_ROOT / "labs" / lab).iterdir()} == {f"{lab}.ipynb"}
-    # Every stub names its task, and hidden test cells are present but empty.
+    # Every stub names its task (or, in a cell no task grades, its exercise), and hidden test cells are present
+    # but empty.
     for cell in released.cells:
         meta = cell.metadata.get("nbgrader", {})
         if meta.get("solution"):
-            assert "raise NotImplementedError(\"Task " in cell.source
+            task = notebook.task_of(notebook.grade_id(cell))
+            named = f"Task {task} " if task else f"The {notebook.grade_id(cell)} exercise (not graded)"
+            assert f'raise NotImplementedError("{named}' in cell.source, cell.source
         if meta.get("grade"):
             assert "grade(" not in cell.source and meta.get("points", 0) > 0
 
