@@ -195,6 +195,9 @@ def speed_rows(ref: dict[str, Any]) -> list[dict[str, Any]]:
         if name != "fp32":
             row["ci95"] = [round(result.ratios[name]["ci_low"], 3), round(result.ratios[name]["ci_high"], 3)]
         row["tokens_per_s"] = len(prompt) / result.median_s(name)
+        # Each one-token step reads every Linear weight once: this rate against the core's memory bandwidth says
+        # whether a scheme is bound by reading weights (fp32 here) or by its kernel's arithmetic.
+        row["note"] = f"reads {row['bytes'] * row['tokens_per_s'] / 1e9:.1f} GB/s of Linear weights"
         rows.append(row)
     rows += [{"model": "random Llama", "scheme": name, "error": err} for name, err in errors.items()]
     return rows
@@ -214,7 +217,9 @@ def markdown(result: dict[str, Any]) -> str:
                  f"{r['speedup_vs_fp32']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r.get("ci95") else "",
                  (r.get("error") or r.get("note") or "").replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "gpt-fast, Llama-2-7B on an A100 (published, for context): "
+    lines += ["", "Decode rows: steps of one token each, as a KV-cached decode feeds them, on one torch thread, the "
+              "schemes interleaved round by round; a step reads every Linear weight once.",
+              "", "gpt-fast, Llama-2-7B on an A100 (published, for context): "
               + ", ".join(f"{k} {v} tok/s" for k, v in GPT_FAST_A100.items())]
     return "\n".join(lines) + "\n"
 

@@ -615,9 +615,11 @@ def fake_quantized_tiny(weights: dict[str, Any], dequantize: Callable[[list[torc
 
 # ------------------------------------------------------------------------------------------------ QZ6: speed
 
-# A random Llama big enough that one decode step is bound by reading the weights (about 124 MB in fp32, far beyond
-# the caches), and small enough that grading stays fast.
-SPEED_ARGS = ModelArgs(vocab_size=8192, dim=768, n_layers=4, n_heads=12, n_kv_heads=3, ffn_dim=2048, max_seq_len=64)
+# A random Llama of 152M parameters, in the 100-300M range where one decode step is bound by reading the weights:
+# 608 MB in fp32, beyond every cache of the machines the course runs on (this VM reports 480 MiB of L3), so each
+# step streams its weights from memory. At one token per step, fp32 reads them at about 11 GB/s on one core here.
+SPEED_ARGS = ModelArgs(vocab_size=16384, dim=1024, n_layers=12, n_heads=16, n_kv_heads=4, ffn_dim=2816,
+                       max_seq_len=64)
 SPEED_SEED, SPEED_STEPS = 1234, 12
 
 
@@ -638,13 +640,13 @@ def speed_model() -> Transformer:
 
 @torch.inference_mode()
 def decode_steps(model: nn.Module, tokens: list[int]) -> list[int]:
-    """len(tokens) decode steps, teacher-forced: step i feeds tokens[:i + 1] and returns the argmax of its last
-    position, so results do not depend on earlier predictions. Without a KV cache (the kv_cache lab builds one;
-    none is given here) each step recomputes its few-token prefix, which at these lengths costs about what a
-    cached step does: either way a step reads every weight once, and that read is what INT8 shrinks."""
+    """len(tokens) decode steps, one token per forward as a KV-cached decode is: step i feeds tokens[i] at position
+    i and returns the argmax of its logits. No cache is given here (the kv_cache lab builds one), so attention sees
+    only the step's own token; that changes the logits, not the work of the Linears, which read every weight once
+    per step, as in a cached decode. That read is what INT8 shrinks."""
     out = []
-    for i in range(len(tokens)):
-        logits = model(torch.tensor([tokens[:i + 1]]))
+    for i, token in enumerate(tokens):
+        logits = model(torch.tensor([[token]]), input_pos=torch.tensor([i]))
         out.append(int(logits[0, -1].argmax()))
     return out
 
@@ -658,7 +660,11 @@ def argmax_agreement(got: list[int], want: list[int]) -> float:
     return sum(int(a == b) for a, b in zip(got, want)) / max(len(want), 1)
 
 
-MIN_SPEED_AGREEMENT = 0.75  # INT8 weights may tip a near tie of the fp32 model's argmax, not most of them
+# INT8 weights (and the bf16 activations PyTorch's int8 kernel takes) tip near ties of the random model's argmax:
+# over 60 prompts of 12 steps the reference differs from fp32 at 4% of steps, agreeing at 10-12 of 12. A bar of
+# 3/4 would fail a correct answer on about one prompt in 1,000 (4 or more ties of 12), and the timing stage checks
+# every round's prompt; at 1/2 that is about one in 10 million. A model computing something else agrees at ~0.
+MIN_SPEED_AGREEMENT = 0.5
 
 
 def int8_speed_model(linear_cls: Any) -> nn.Module:
