@@ -10,7 +10,10 @@ After the notebook has run (for the learner's feedback), the autograder:
    reaches the learner's code only through `Learner`: probe calls that return plain data,
    a model served from here (so the positions it processes are counted here), and the
    learner's cache driven call by call;
-3. turns each check's outcome into the task's points and message.
+3. turns each check's outcome into the task's points and message. A check that measures time and
+   cannot tell (`TooNoisy`) makes its task *inconclusive*: not awarded, not a zero, listed in the
+   result's `inconclusive` so the gradebook asks for its grade and `--retry-inconclusive` regrades it;
+   so are the tasks that build on it.
 
 A crash, a hang or a `NotImplementedError` in the learner's code fails that task, with the
 reason; the process dying fails the tasks not yet checked. An exception in the checker's own
@@ -31,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from . import notebook, wire
-from .checks import ERROR, FAILED, NOT_ATTEMPTED, PASSED, CheckFailed, CheckResult
+from .checks import (ERROR, FAILED, INCONCLUSIVE, NOT_ATTEMPTED, PASSED, RETRY_HINT, CheckFailed, CheckResult,
+                     TooNoisy)
 from .labs.common import one_torch_thread, positions_fed
 from .sandbox import Limits, start_sandboxed, stop_sandboxed
 
@@ -264,6 +268,8 @@ def outcome(task: str, check: Callable[[Learner, int], dict[str, Any] | None], l
         with one_torch_thread():
             measured = check(learner, seed) or {}
         result = CheckResult(task, PASSED, measured=dict(measured))
+    except TooNoisy as err:  # a measurement that cannot tell: "don't know", never a pass or a fail
+        result = CheckResult(task, INCONCLUSIVE, f"{err.message}; {RETRY_HINT}", dict(err.measured))
     except CheckFailed as err:
         result = CheckResult(task, FAILED, err.message, dict(err.measured))
     except LearnerRaised as err:
@@ -303,11 +309,16 @@ def run(lab, executed, backend: str, limits: Limits, seeds: dict[str, int], work
                 if stopped:
                     result = CheckResult(task.id, FAILED, stopped)
                 elif unmet:  # it builds on work that is not right yet: checking it would judge that work again
-                    untried = all(o.result.status == NOT_ATTEMPTED for o in outcomes if o.task in unmet)
-                    result = CheckResult(task.id, NOT_ATTEMPTED if untried else FAILED,
-                                         f"{task.id} builds on {', '.join(unmet)}, which "
-                                         f"{'is not attempted yet' if untried else 'did not pass'}: make "
-                                         f"{' and '.join(unmet)} pass first")
+                    statuses = {o.result.status for o in outcomes if o.task in unmet}
+                    if statuses == {NOT_ATTEMPTED}:
+                        result = CheckResult(task.id, NOT_ATTEMPTED, f"{task.id} builds on {', '.join(unmet)}, "
+                                             f"which is not attempted yet: make {' and '.join(unmet)} pass first")
+                    elif statuses == {INCONCLUSIVE}:  # not known yet, so neither is this task
+                        result = CheckResult(task.id, INCONCLUSIVE, f"{task.id} builds on {', '.join(unmet)}, "
+                                             f"whose grade is not known yet; {RETRY_HINT}")
+                    else:
+                        result = CheckResult(task.id, FAILED, f"{task.id} builds on {', '.join(unmet)}, which "
+                                             f"did not pass: make {' and '.join(unmet)} pass first")
                 else:
                     try:
                         for gid, source in notebook.answer_cells(executed, tuple(c for c in task.cells if c not in ran)):
@@ -350,7 +361,11 @@ def apply(lab, result: dict, executed, backend: str, limits: Limits, seeds: dict
 
     outcomes, tampered = run(lab, executed, backend, limits, seeds, workdir)
     result["tasks"] = [{"cell": o.cell, "points": o.points, "max_points": o.max_points, "passed": o.result.passed,
-                        "message": "" if o.result.passed else o.result.line()[:500]} for o in outcomes]
+                        "message": "" if o.result.passed else o.result.line()[:500],
+                        **({"inconclusive": True} if o.result.status == INCONCLUSIVE else {})} for o in outcomes]
+    unknown = [o.task for o in outcomes if o.result.status == INCONCLUSIVE]
+    if unknown:
+        result["inconclusive"] = sorted(set(result.get("inconclusive", [])) | set(unknown))
     result["checks"] = [asdict(o.result) for o in outcomes]
     result["seeds"] = {o.cell: o.seed for o in outcomes}
     result["points"] = sum(o.points for o in outcomes)

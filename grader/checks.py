@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PASSED, FAILED, NOT_ATTEMPTED, ERROR, INCONCLUSIVE = "passed", "failed", "not attempted", "error", "inconclusive"
+# What an inconclusive task tells the learner: its grade is not known yet, and how it will be.
+RETRY_HINT = "not graded yet: your instructor regrades it (inferlab autograde LAB --retry-inconclusive)"
 SKIPPED = "skipped"  # a self-check under the autograder, which checks that task in its own process
 
 

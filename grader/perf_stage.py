@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import labs, notebook
-from .checks import ERROR, FAILED, INCONCLUSIVE, PASSED, CheckFailed, CheckResult
+from .checks import ERROR, FAILED, INCONCLUSIVE, PASSED, RETRY_HINT, CheckFailed, CheckResult
 from .timed import TimedTask
 from .sandbox import Limits, start_sandboxed, stop_sandboxed
 
@@ -55,7 +55,6 @@ BUSY_CPU_FACTOR = 1.25  # during its calls: at most wall time x the cores it may
 SLOW_FACTOR = 10.0  # a stage that ran out of time fails (not inconclusive) when the learner's calls were this much slower than the baseline's
 CORE_WAIT_S = 60.0  # how long a stage waits for a core no other stage holds before it shares one
 CORE_LOCKS = Path(tempfile.gettempdir()) / "inferlab-timing-cores"
-RETRY_HINT = "not graded yet: your instructor regrades it (inferlab autograde LAB --retry-inconclusive)"
 
 
 class WorkerFailed(RuntimeError):

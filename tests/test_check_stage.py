@@ -220,3 +220,34 @@ def test_a_notebook_that_contradicts_its_spec_is_reported():
     problems = labs.notebook_problems(LAB.spec, nb)
     assert any("belongs to KV2 but calls self_check('KV3')" in p for p in problems), problems
     assert any("task KV3: the notebook gives 5 points" in p for p in problems), problems
+
+
+def test_a_check_that_cannot_tell_is_inconclusive_and_so_are_the_tasks_built_on_it(tmp_path):
+    """Right or "don't know": a hidden check that raises `TooNoisy` (a timing whose range straddles its bar) makes
+    its task inconclusive, not a fail; a task that requires it is inconclusive too; the result lists both, so the
+    gradebook asks for their grades and `--retry-inconclusive` regrades them. The lab is kv_cache with its checks
+    replaced: KV2 cannot tell, KV4 requires KV2."""
+    from types import SimpleNamespace
+
+    from grader.checks import TooNoisy
+
+    def cannot_tell(learner, seed):
+        raise TooNoisy("too noisy to tell: the range 70% to 95% straddles the bar of 79%", low=0.7, high=0.95)
+
+    checks = {"KV1": lambda learner, seed: {"ok": 1}, "KV2": cannot_tell, "KV3": lambda learner, seed: None,
+              "KV4": lambda learner, seed: pytest.fail("KV4 requires KV2, whose grade is not known: not run")}
+    lab = SimpleNamespace(spec=LAB.spec, grading=SimpleNamespace(HIDDEN_CHECKS=checks))
+    result = {"tasks": [], "checks": [], "points": 0.0}
+    executed = variant()
+    check_stage.apply(lab, result, executed, "bwrap", Limits(threads=1), {t.id: 1 for t in LAB.spec.tasks}, tmp_path)
+    status = {c["task"]: c["status"] for c in result["checks"]}
+    assert status == {"KV1": "passed", "KV2": "inconclusive", "KV3": "passed", "KV4": "inconclusive"}, status
+    assert result["inconclusive"] == ["KV2", "KV4"]
+    unknown = {t["cell"] for t in result["tasks"] if t.get("inconclusive")}
+    assert unknown == {LAB.spec.task("KV2").graded_cell, LAB.spec.task("KV4").graded_cell}
+    assert result["points"] == LAB.spec.task("KV1").points + LAB.spec.task("KV3").points
+    kv2 = next(c for c in result["checks"] if c["task"] == "KV2")
+    assert "--retry-inconclusive" in kv2["message"] and kv2["measured"] == {"low": 0.7, "high": 0.95}
+    kv4 = next(c for c in result["checks"] if c["task"] == "KV4")
+    assert "not known yet" in kv4["message"]
+    assert "INCONCLUSIVE" in "".join(o.text for o in notebook.cell(executed, LAB.spec.task("KV2").graded_cell).outputs)

@@ -124,6 +124,33 @@ def test_the_bench_refuses_bad_options(capsys):
     assert "--rate" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("yours, reference, verdict, runs", [
+    ([100.0], [101.0, 99.0], "passed", 1),  # the reference's own range: 0.99-1.01 of it
+    ([62.0], [100.0, 98.0], "failed", 1),  # a batch of one: 0.63 at best, under 0.79
+    ([75.0, 95.0, 85.0], [100.0, 90.0, 110.0, 100.0], "inconclusive", 3),  # every run straddles 0.79
+    ([78.0, 95.0, 96.0], [100.0, 95.0, 99.0, 100.0], "passed", 3),  # straddles, then two clear passes
+    ([70.0, 95.0, 72.0], [80.0, 100.0, 98.0, 100.0], "inconclusive", 3),  # one clear each way: no verdict
+])
+def test_sv4_throughput_is_right_or_says_it_cannot_tell(monkeypatch, yours, reference, verdict, runs):
+    """SV4's verdict rule alone, with the load runs replaced by their token rates (the servers themselves are
+    graded in the batch below): the learner's runs each sit between two of the reference's; the whole range of
+    the fraction must be on one side of the bar, else more runs, else inconclusive (never a wrong verdict)."""
+    from grader.checks import CheckFailed, TooNoisy
+
+    rates = iter(r for pair in zip(reference, yours + [None]) for r in pair if r is not None)
+    monkeypatch.setattr(checks, "load_trace", lambda offline, seed, n: [])
+    monkeypatch.setattr(checks, "run_load", lambda server, trace: (
+        [{"ok": True, "usage": {"completion_tokens": next(rates)}}], 1.0))
+    assert checks.threshold(LAB.name, "SV4")["min_throughput_fraction_of_reference"] == 0.79
+    try:
+        measured, got = checks.verify_throughput(None, None, None, seed=0), "passed"
+    except TooNoisy as err:
+        measured, got = err.measured, "inconclusive"
+    except CheckFailed as err:
+        measured, got = err.measured, "failed"
+    assert (got, measured["runs"]) == (verdict, runs), measured
+
+
 def test_samples_build_from_the_source(tmp_path):
     paths = samples.build(LAB.name, tmp_path)
     assert set(paths) == set(mistakes.SAMPLES)
