@@ -141,3 +141,16 @@ def self_check_speed(speedup: float, ci95: tuple[float, float], bar: float, meas
     if speedup < bar:
         raise CheckFailed(too_slow, **measured)
     return measured
+
+
+def bar_between(reference: float, slow: float, digits: int = 2) -> tuple[float, float]:
+    """The calibration rule of every timed task: (bar, fraction of the reference).
+
+    The bar is the geometric mean of the reference's speedup and the slow answer's, the slow one counted as at
+    least 1x (an answer no faster than the baseline must fail, however much slower the slow one is), so a noisy
+    run has the same multiplicative margin on both sides. The graded bar is that mean as a fraction of the
+    reference; a notebook's self-check uses the mean itself."""
+    import math
+
+    bar = round(math.sqrt(reference * max(slow, 1.0)), digits)
+    return bar, round(bar / reference, 2)

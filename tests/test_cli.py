@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 INFERLAB = [str(Path(sys.executable).with_name("inferlab"))]
 

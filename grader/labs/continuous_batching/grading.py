@@ -28,13 +28,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from inferlab import Transformer
 
 from ...checks import CheckFailed
-from ...perf import fraction_of_reference_verdict, threshold
+from ...perf import bar_between, fraction_of_reference_verdict, threshold
 from .. import load
 from ..common import one_torch_thread
 from . import SPEC
@@ -203,9 +202,9 @@ def calibrate(seed: int = 0) -> dict[str, Any]:
     """Measure the reference scheduler and the 'slow' sample's (right tokens, but admits only into an empty
     batch: static batching behind the same interface) against static batching, in one interleaved run.
 
-    Rule for the bars, as for kv_cache: the geometric mean of the two ratios, so a noisy run has the
-    same multiplicative margin on both sides. The graded bar is that mean as a fraction of the
-    reference (timed in the same run when grading); the notebook's self-check uses the mean itself.
+    Rule for the bars: `grader.perf.bar_between`, the geometric mean of the reference's speedup and the slow one's
+    (the static batcher's ratio counted as at least 1x); graded as a fraction of the reference timed in the same
+    run, the notebook's self-check uses the mean itself.
     """
     from inferlab.bench import compare
 
@@ -232,8 +231,7 @@ def calibrate(seed: int = 0) -> dict[str, Any]:
                      baseline="static", warmup=1, min_rounds=10, max_rounds=30, rel_ci=0.05)
     reference, slow = result.speedup("reference"), result.speedup("slow")
     ref_ci = result.ratios["reference"]
-    bar = round(float(np.sqrt(reference * max(slow, 1.0))), 2)
-    fraction = round(bar / reference, 2)
+    bar, fraction = bar_between(reference, slow)
     return {"CB4": {
         "min_fraction_of_reference": fraction,
         "min_speedup_vs_static": bar,

@@ -18,13 +18,12 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import numpy as np
 import torch
 
 from inferlab import ModelArgs, Transformer, naive_generate
 
 from ...checks import CheckFailed
-from ...perf import fraction_of_reference_verdict, threshold
+from ...perf import bar_between, fraction_of_reference_verdict, threshold
 from .. import load
 from . import SPEC
 from .public import (KV4_NEW_TOKENS, KV4_PROMPT_TOKENS, DTYPES, Generate, byte_cases, long_prompts, verify_bytes,
@@ -132,11 +131,9 @@ def judge_timing(result: Any, tampered: list[str], profile: str | None = None) -
 def calibrate(seed: int = 0) -> dict[str, Any]:
     """Measure the reference and a correct-but-recomputing answer against the baseline, in one interleaved run.
 
-    Rule for the bars: the geometric mean of the two speedups, so a noisy run has the same
-    multiplicative margin on both sides (the reference passes, recompute fails). The graded
-    bar is that mean as a fraction of the reference (the reference is timed in the same run
-    when grading, which cancels the machine); the notebook's self-check, which has no
-    reference to time, uses the mean itself.
+    Rule for the bars: `grader.perf.bar_between`, the geometric mean of the reference's speedup and the slow one's
+    (recompute counted as at least 1x); graded as a fraction of the reference timed in the same run, the notebook's
+    self-check uses the mean itself.
     """
     from inferlab.bench import compare
 
@@ -152,8 +149,7 @@ def calibrate(seed: int = 0) -> dict[str, Any]:
                       "recompute": lambda: recompute(model, list(prompt), KV4_NEW_TOKENS)},
                      baseline="naive", warmup=2, min_rounds=10, max_rounds=30, rel_ci=0.05)
     reference, slow = result.speedup("reference"), result.speedup("recompute")
-    bar = round(float(np.sqrt(reference * max(slow, 1.0))), 1)
-    fraction = round(bar / reference, 2)
+    bar, fraction = bar_between(reference, slow, digits=1)
     return {"KV4": {
         "min_fraction_of_reference": fraction,
         "min_speedup_vs_naive": bar,

@@ -23,14 +23,13 @@ import functools
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from inferlab import ModelArgs, Transformer, replace_linears
 
 from ...checks import CheckFailed
-from ...perf import fraction_of_reference_verdict, threshold
+from ...perf import bar_between, fraction_of_reference_verdict, threshold
 from ..common import random_model
 from . import SPEC
 from .public import (MIN_SPEED_AGREEMENT, SCHEMES, _shape, argmax_agreement, decode_steps, held_out_texts,
@@ -330,10 +329,9 @@ class DequantizeEveryCall(nn.Module):
 def calibrate(seed: int = 0) -> dict[str, Any]:
     """Measure the reference and a dequantize-at-every-call INT8 Linear against fp32 decode, interleaved.
 
-    Rule for the bars, as kv_cache's: the geometric mean of the reference's speedup and the slow one's, the slow
-    one counted as at least 1x (an INT8 model no faster than fp32 must fail, however much slower the slow answer
-    is), so a noisy run has the same multiplicative margin on both sides. The graded bar is that mean as a
-    fraction of the reference; the notebook's self-check uses the mean itself."""
+    Rule for the bars: `grader.perf.bar_between`, the geometric mean of the reference's speedup and the slow one's
+    (dequantize-every-call counted as at least 1x); graded as a fraction of the reference timed in the same run, the
+    notebook's self-check uses the mean itself."""
     from inferlab.bench import compare
 
     from .. import load
@@ -348,8 +346,7 @@ def calibrate(seed: int = 0) -> dict[str, Any]:
                           "dequantize": lambda: decode_steps(slow, prompt)},
                          baseline="fp32", warmup=2, min_rounds=10, max_rounds=30, rel_ci=0.05)
     reference, slower = result.speedup("reference"), result.speedup("dequantize")
-    bar = round(float(np.sqrt(reference * max(slower, 1.0))), 2)
-    fraction = round(bar / reference, 2)
+    bar, fraction = bar_between(reference, slower)
     return {"QZ6": {
         "min_fraction_of_reference": fraction,
         "min_speedup_vs_fp32": bar,

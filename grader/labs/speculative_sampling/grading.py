@@ -23,13 +23,12 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import numpy as np
 
 from inferlab import ModelArgs, Transformer
 
 from ...check_stage import RemoteCache
 from ...checks import CheckFailed
-from ...perf import fraction_of_reference_verdict, threshold
+from ...perf import bar_between, fraction_of_reference_verdict, threshold
 from .public import (SS5_GAMMA, SS5_NEW_TOKENS, NoDrafter, timed_prompts, timed_round_robin, verify_lookup,
                      verify_rollback, verify_sampler, verify_speculative, verify_timed_ready)
 
@@ -148,9 +147,9 @@ def calibrate(seed: int = 0) -> dict[str, Any]:
     """Measure the reference and a correct answer that calls the target once per token against the baseline, in
     one interleaved run, each round on a different held-out code prompt (as grading times).
 
-    Rule for the bars (as kv_cache): the geometric mean of the two speedups, so a noisy run has the same
-    multiplicative margin on both sides. The graded bar is that mean as a fraction of the reference (timed in the
-    same run when grading); the notebook's self-check, which has no reference to time, uses the mean itself."""
+    Rule for the bars: `grader.perf.bar_between`, the geometric mean of the reference's speedup and the slow one's
+    (one call per token counted as at least 1x); graded as a fraction of the reference timed in the same run, the
+    notebook's self-check uses the mean itself."""
     import torch
 
     from inferlab.bench import compare
@@ -170,8 +169,7 @@ def calibrate(seed: int = 0) -> dict[str, Any]:
                      baseline="cached", warmup=2, min_rounds=16, max_rounds=48, rel_ci=0.05)
     reference, slow = result.speedup("reference"), result.speedup("per-token")
     ci = result.ratios["reference"]
-    bar = round(float(np.sqrt(reference * max(slow, 1.0))), 2)
-    fraction = round(bar / reference, 2)
+    bar, fraction = bar_between(reference, slow)
     return {"SS5": {
         "min_fraction_of_reference": fraction,
         "min_speedup_vs_cached": bar,
