@@ -34,7 +34,9 @@ LAB = "kv_cache"
 SAMPLES = samples.definitions(LAB)
 TIMED = kv_cache.SPEC.timed  # the timed task (K4 / KV4) and its graded cell
 GENERATE = f"{TIMED.task[:-1]}2"  # the task of cached_generate
-LIMITS = Limits(wall_s=150)  # the reference needs about 60 s on one core; 'loop' uses all of it
+# The notebook's own limit: the reference's notebook runs in about 10 s in its sandbox (27 s graded, its checks and
+# timing included, measured 2026-12-02), so 75 s leaves room for a busy machine; 'loop' uses all of it.
+LIMITS = Limits(wall_s=75)
 
 
 @pytest.fixture(scope="module")

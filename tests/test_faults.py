@@ -33,6 +33,9 @@ pytestmark = [pytest.mark.slow,
 
 LAB = "kv_cache"
 WRONG_POINTS = {"KV1": 3, "KV2": 0, "KV3": 2, "KV4": 0}  # the 'wrong' sample: KV1 and KV3 right
+# The preflight (the reference graded first, about 35 s with one core idle) is tested in test_autograde.py; these
+# runs are about faults in the class.
+NO_PREFLIGHT = ("--no-preflight",)
 VICTIM_SLEEP_S = 20  # the victim's notebook pauses here; its worker is killed during the pause
 
 FILL_TMP = '''
@@ -146,12 +149,12 @@ def local_run(tmp_path_factory):
     subs = write_class(root)
     out = root / "out"
     killer = kill_when_running("victim", after_s=8)
-    first = inferlab("autograde", LAB, "--submissions", str(subs), "--out", str(out), "--workers", "2")
+    first = inferlab("autograde", LAB, "--submissions", str(subs), "--out", str(out), "--workers", "2", *NO_PREFLIGHT)
     first_log = first.communicate(timeout=900)[0]
     killer.join(timeout=5)
     first_results = results(out / LAB / "results")
     mtimes = {p.stem: p.stat().st_mtime_ns for p in (out / LAB / "results").glob("*.json")}
-    second = inferlab("autograde", LAB, "--submissions", str(subs), "--out", str(out), "--workers", "2")
+    second = inferlab("autograde", LAB, "--submissions", str(subs), "--out", str(out), "--workers", "2", *NO_PREFLIGHT)
     second_log = second.communicate(timeout=900)[0]
     return {"root": root, "out": out / LAB, "killed": killer.killed, "first": (first.returncode, first_log),
             "first_results": first_results, "mtimes": mtimes, "second": (second.returncode, second_log),
