@@ -1,8 +1,9 @@
 """bench/quantization.py: the quantization lab's reference next to torchao, on the same models (`make bench-quantization`).
 
 Rows: bytes of the Linear weights, perplexity of `tiny` on held-out text (fp32, INT8, INT4 at group sizes 32 and
-64), and decode tokens/s of the lab's memory-bound random Llama (`checks.SPEED_ARGS`), fp32 against INT8 weight-only,
-timed interleaved on one torch thread. torchao's Int8WeightOnlyConfig / Int4WeightOnlyConfig are measured on the
+64), and decode tokens/s of the lab's memory-bound random Llama (`checks.SPEED_ARGS`, 152M parameters), fp32 against
+INT8 weight-only (the lab's reference) and the lab's INT4 codes through PyTorch's CPU int4 kernel, timed interleaved
+on one torch thread. torchao's Int8WeightOnlyConfig / Int4WeightOnlyConfig are measured on the
 same models where they run on this machine; a config that does not run says why in its row. gpt-fast's published
 A100 numbers are quoted for context (not measured here).
 
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+INT4_SPEED_GROUP = 32  # as gpt-fast's INT4 row; the random Llama's widths (1024, 2816) are multiples of it
 GPT_FAST_A100 = {  # github.com/pytorch-labs/gpt-fast README, Llama-2-7B, tokens/s, batch 1, A100 80GB
     "fp16/bf16": 104.9, "int8 weight-only": 155.6, "int4 weight-only (g32)": 196.8}
 
@@ -86,6 +88,35 @@ def gpu_check_path(device: str, quick: bool) -> dict[str, Any]:
         result["triton_ms"] = round(do_bench(fused), 4)
         result["torch_ms"] = round(do_bench(dequantize_then_matmul), 4)
     return result
+
+
+class Int4PackLinear(nn.Module):
+    """The lab reference's INT4 codes (asymmetric, group-wise: w = q * scale + offset, q in 0..15) multiplied by
+    PyTorch's CPU int4 kernel. That kernel takes its own packed layout (`_convert_weight_to_int4pack_for_cpu`, from
+    the codes as int32 [N, K]) and w = (q - 8) * scale + zero, so zero = offset + 8 * scale: the same codes, the same
+    bytes (half a byte per weight, a scale and zero per group, here in bf16). The kernel is fast only with bf16
+    activations (measured on this CPU, [1, 1024] by [2816, 1024]: 0.2 ms in bf16, 5.8 ms in fp32, fp32 matmul 0.6
+    ms), so it is fed bf16, as PyTorch's int8 kernel is in the lab's reference."""
+
+    def __init__(self, linear: nn.Linear, group: int, quantize_int4):
+        super().__init__()
+        packed, scales, offsets = quantize_int4(linear.weight.detach(), group)  # [N, K/2] uint8, [N, K/g] twice
+        codes = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.int32)  # [N, K]
+        codes[:, 0::2], codes[:, 1::2] = packed & 0x0F, packed >> 4
+        inner_k_tiles = 8 if codes.shape[1] % 128 == 0 else 2  # the kernel's tiling of K; 8 was faster here
+        packed_for_cpu = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, inner_k_tiles)
+        self.register_buffer("weight_int4pack", packed_for_cpu)
+        self.register_buffer("scales_and_zeros",  # [K/g, N, 2]
+                             torch.stack([scales.T, (offsets + 8 * scales).T], dim=-1).to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.group, self.out_features = group, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [M, K]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4pack, self.group,
+                                                       self.scales_and_zeros)  # [M, N]
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
 def fake_quantized(model: nn.Module, dequantize) -> nn.Module:
@@ -165,6 +196,17 @@ def speed_rows(ref: dict[str, Any]) -> list[dict[str, Any]]:
     fp32 = speed_model()
     contenders = {"fp32": fp32, "lab reference int8": int8_speed_model(ref["QuantLinear"])}
     errors = {}
+    # INT4 on this CPU: the lab's codes through PyTorch's int4 kernel (torchao's INT4 does not run here, below).
+    int4_name = f"lab reference int4 g{INT4_SPEED_GROUP} (PyTorch's CPU int4 kernel)"
+    try:
+        from inferlab import replace_linears
+
+        q = speed_model()
+        replace_linears(q, lambda name, linear: Int4PackLinear(linear, INT4_SPEED_GROUP, ref["quantize_int4"]))
+        decode_steps(q, prompt[:2])
+        contenders[int4_name] = q
+    except Exception as err:  # noqa: BLE001
+        errors[int4_name] = f"{type(err).__name__}: {err}"[:300]
     try:
         from torchao.quantization import quantize_
         for scheme, make in torchao_configs():
