@@ -233,7 +233,9 @@ def test_one_core_is_shared_after_the_wait(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the real stage, in bubblewrap
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
-def test_a_thread_left_running_fails_while_the_reference_passes():
+def test_a_thread_left_running_fails():
+    """The reference's own run, idle between calls on both sides, is test_perf_stage's
+    test_reference_passes_with_both_speedups_measured_in_the_run; here the same answer with a thread left spinning."""
     from grader import notebook, samples
     from grader.execute import prepare
     from grader.labs import kv_cache
@@ -248,17 +250,13 @@ def test_a_thread_left_running_fails_while_the_reference_passes():
         prepared = prepare(source, nb)
         return time_submission("kv_cache", prepared, source, "bwrap", Limits(threads=1), seed=11)
 
-    reference = timed("")
-    assert reference.status == PASSED, result_line(reference)
-    assert reference.measured["cpu_between_calls_s"] <= 0.1 and reference.measured["reference_cpu_between_calls_s"] <= 0.1
     spinning = timed("import threading\n"
                      "threading.Thread(target=lambda: [sum(range(10**6)) for _ in iter(int, 1)], daemon=True).start()")
     assert spinning.status == FAILED, result_line(spinning)
     assert "your process kept working between timed calls" in spinning.message
     assert "stop any threads you start before returning" in spinning.message.lower()
-    print(f"\nhonest: {reference.measured['cpu_between_calls_s']} s of CPU in "
-          f"{reference.measured['idle_between_calls_s']} s idle; spinning: {spinning.measured['cpu_between_calls_s']} s "
-          f"in {spinning.measured['idle_between_calls_s']} s")
+    print(f"\nspinning: {spinning.measured['cpu_between_calls_s']} s of CPU in "
+          f"{spinning.measured['idle_between_calls_s']} s idle between calls")
 
 
 def test_a_self_check_that_cannot_tell_says_so_and_never_passes(capsys):
